@@ -1,0 +1,317 @@
+"""End-to-end CPU benchmark on MiniLM-L6: torch fp32, ORT fp32, ORT's own int8 (the anchor),
+and slimformer's CPU targets, all measured in one run.
+
+    python bench/e2e_cpu.py                      # default targets: cpu-fp32, cpu-int8
+    python bench/e2e_cpu.py --targets cpu-fp32 cpu-int8 cpu-int4 \\
+        --extra "cpu-int8+prune=--prune-heads 0.25 --prune-ffn 0.4"
+    python bench/e2e_cpu.py --skip-slimformer    # baselines only
+
+Speed is compared as a ratio to the anchor measured in the same run: this machine is noisy, so
+absolute times across runs mean little. Fidelity is the cosine of mean-pooled embeddings to
+torch fp32 over bench/data/eval_sentences.txt (none of it is calibration text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ANCHOR = "ort_int8_anchor"
+SEQ = 128
+
+
+class Row:
+    """One system: a forward function, its files on disk, and what we measured."""
+
+    def __init__(self, name: str, run=None, files=(), error: str | None = None):
+        self.name, self.run, self.files, self.error = name, run, list(files), error
+        self.result: dict = {"name": name}
+
+
+def build_torch(model_dir: str) -> tuple[Row, torch.nn.Module]:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+
+    def run(feeds):
+        with torch.inference_mode():
+            pt = {k: torch.from_numpy(v) for k, v in feeds.items()}
+            return model(**pt).last_hidden_state.numpy()
+
+    weights = [p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin")]
+    return Row("torch_fp32", run, weights), model
+
+
+class _LastHidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+
+def export_fp32(model: torch.nn.Module, feeds: dict, path: Path) -> None:
+    # The legacy exporter gives the faster ORT graph on this CPU (FACTS.md).
+    wrapper = _LastHidden(model).eval()  # eval(): legacy export restores training flags
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    dyn = {n: {0: "batch", 1: "sequence"} for n in names}
+    dyn["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    torch.onnx.export(wrapper, args, str(path), input_names=names,
+                      output_names=["last_hidden_state"], dynamic_axes=dyn,
+                      opset_version=17, dynamo=False)
+    model.eval()
+
+
+def onnx_row(name: str, path: Path) -> Row:
+    try:
+        return Row(name, common.ort_runner(common.ort_session(path)), common.onnx_files(path))
+    except Exception as e:  # a broken artifact is a result, not a crash
+        return Row(name, error=f"load failed: {type(e).__name__}: {e}")
+
+
+def convert(model_dir: str, target: str, extra: list[str], out: Path, timeout: float) -> str | None:
+    """Run `slimformer convert` as a user would; stream its output; return an error or None."""
+    cmd = [sys.executable, "-m", "slimformer.cli", "convert", model_dir,
+           "--out", str(out), *([] if "--target" in extra else ["--target", target]), *extra]
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    tail: collections.deque[str] = collections.deque(maxlen=15)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+    except OSError as e:
+        return f"could not start convert: {e}"
+
+    def pump():  # in a thread, so a silent hang still hits the timeout below
+        for line in proc.stdout:
+            print("  | " + line, end="", flush=True)
+            tail.append(line.rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return f"convert timed out after {timeout:.0f}s"
+    reader.join()
+    print(f"  (convert took {time.perf_counter() - t0:.0f}s, exit {rc})", flush=True)
+    if rc != 0:
+        return f"convert exited {rc}: " + " | ".join(tail)
+    if not (out / "model.onnx").exists():
+        return f"convert succeeded but wrote no {out / 'model.onnx'}"
+    return None
+
+
+def slimformer_rows(args, work: Path) -> list[Row]:
+    jobs = [(f"slimformer-{t}", t, []) for t in args.targets]
+    for spec in args.extra:
+        name, _, extra = spec.partition("=")
+        # The target is NAME up to the first '+', unless ARGS gives its own --target.
+        jobs.append((f"slimformer-{name}", name.split("+")[0], shlex.split(extra)))
+    rows = []
+    for name, target, extra in jobs:
+        out = work / name
+        err = convert(args.model_dir, target, extra, out, args.convert_timeout)
+        rows.append(Row(name, error=err) if err else onnx_row(name, out / "model.onnx"))
+    return rows
+
+
+def measure_quality(rows: list[Row], tokenizer) -> None:
+    sentences = common.eval_sentences()
+    pairs = common.paraphrase_pairs()
+    pair_texts = [a for a, _ in pairs] + [b for _, b in pairs]
+    ref = None
+    for row in rows:
+        if row.error:
+            continue
+        try:
+            emb = common.embed(row.run, tokenizer, sentences)
+            rec = common.recall_at_1(common.embed(row.run, tokenizer, pair_texts))
+        except Exception as e:
+            row.error = f"run failed: {type(e).__name__}: {e}"
+            continue
+        ref = emb if ref is None else ref  # rows[0] is torch fp32, the reference
+        cos = common.cosines(emb, ref)
+        row.result.update(min_cos=float(cos.min()), mean_cos=float(cos.mean()),
+                          recall_at_1=rec, size_mb=round(common.size_mb(row.files), 1))
+
+
+def measure_speed(rows: list[Row], tokenizer, args) -> None:
+    texts = common.eval_sentences()
+    live = [r for r in rows if not r.error]
+    for batch, runs, key in ((8, args.runs, "b8"), (1, args.runs_b1, "b1")):
+        feeds = common.tokenize(tokenizer, texts[:batch], max_length=SEQ)
+        systems = {r.name: (lambda r=r, f=feeds: r.run(f)) for r in live}
+        print(f"timing batch {batch} x seq {SEQ}: {runs} interleaved rounds ...", flush=True)
+        for name, ms in common.time_round_robin(systems, runs, args.warmup).items():
+            next(r for r in live if r.name == name).result[f"latency_ms_{key}"] = ms
+    for key in ("b8", "b1"):
+        anchor = next((r.result.get(f"latency_ms_{key}") for r in live if r.name == ANCHOR), None)
+        for r in live:
+            if anchor and f"latency_ms_{key}" in r.result:
+                r.result[f"vs_anchor_{key}"] = r.result[f"latency_ms_{key}"] / anchor
+
+
+COLUMNS = [  # (json key, header, format)
+    ("latency_ms_b8", "b8 ms", "{:.1f}"), ("vs_anchor_b8", "b8 vs anchor", "{:.2f}x"),
+    ("latency_ms_b1", "b1 ms", "{:.1f}"), ("vs_anchor_b1", "b1 vs anchor", "{:.2f}x"),
+    ("min_cos", "min cos", "{:.4f}"), ("mean_cos", "mean cos", "{:.4f}"),
+    ("size_mb", "size MB", "{:.1f}"), ("recall_at_1", "recall@1", "{:.3f}"),
+]
+
+
+def cells(result: dict) -> list[str]:
+    return [fmt.format(result[k]) if k in result else "-" for k, _, fmt in COLUMNS]
+
+
+def print_table(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"MiniLM-L6 on CPU, seq {SEQ} (vs anchor: latency / {ANCHOR}, lower is better)")
+    table.add_column("system")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    table.add_column("error", overflow="fold", max_width=50)
+    for res in results:
+        table.add_row(res["name"], *cells(res), res.get("error", ""))
+    # Not a terminal (CI log, pipe): rich would wrap to 80 columns and cut every cell.
+    Console(width=None if sys.stdout.isatty() else 170).print(table)
+
+
+def markdown(results: list[dict], machine: dict) -> str:
+    head = ["system"] + [h for _, h, _ in COLUMNS]
+    lines = [
+        f"MiniLM-L6 (all-MiniLM-L6-v2), batch 8 and 1 x seq {SEQ}, {machine['cpu']}, "
+        f"{machine['cores']} cores, onnxruntime {machine['onnxruntime']}. "
+        f"`vs anchor` = latency / ORT `quantize_dynamic` per-channel int8 (lower is better); "
+        f"cos = mean-pooled embedding vs torch fp32.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for res in results:
+        name = res["name"] + (f" (error: {res['error']})" if res.get("error") else "")
+        lines.append("| " + " | ".join([name, *cells(res)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model-dir", default=None, help="HF model dir (default: bundled MiniLM-L6)")
+    p.add_argument("--targets", nargs="+", default=["cpu-fp32", "cpu-int8"])
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                   help="extra slimformer variant, e.g. 'cpu-int8+prune=--prune-heads 0.25'")
+    p.add_argument("--skip-slimformer", action="store_true", help="baselines only")
+    p.add_argument("--runs", type=int, default=20, help="timed rounds at batch 8")
+    p.add_argument("--runs-b1", type=int, default=50, help="timed rounds at batch 1")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--convert-timeout", type=float, default=900)
+    p.add_argument("--workdir", default=None, help="keep exported models here (default: temp)")
+    p.add_argument("--out", default=str(common.RESULTS_DIR / "cpu_minilm.json"),
+                   help="JSON result path; the markdown table goes beside it (.md)")
+    args = p.parse_args(argv)
+    args.model_dir = args.model_dir or common.minilm_dir()
+    # Set before transformers is first imported: huggingface_hub reads it at import time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from transformers import AutoTokenizer
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    if load_start > 0.5:
+        # Other processes share these 2 cores; torch's OpenMP threads suffer most from it.
+        print(f"WARNING: 1-min load average is {load_start:.1f} before the run; "
+              "latencies will be inflated and skewed", flush=True)
+    torch.set_num_threads(2)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="e2e_cpu_")
+    work = Path(args.workdir or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+
+    torch_row, model = build_torch(args.model_dir)
+    rows = [torch_row]
+    fp32 = work / "ort_fp32" / "model.onnx"
+    int8 = work / ANCHOR / "model.onnx"
+    fp32.parent.mkdir(exist_ok=True)
+    int8.parent.mkdir(exist_ok=True)
+    print("exporting fp32 ONNX (legacy exporter) ...", flush=True)
+    export_fp32(model, common.tokenize(tokenizer, common.eval_sentences()[:2]), fp32)
+    rows.append(onnx_row("ort_fp32", fp32))
+    print("quantizing with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
+    rows.append(onnx_row(ANCHOR, int8))
+    if not args.skip_slimformer:
+        rows += slimformer_rows(args, work)
+
+    print("measuring fidelity and recall ...", flush=True)
+    measure_quality(rows, tokenizer)
+    measure_speed(rows, tokenizer, args)
+
+    results = []
+    for r in rows:
+        res = dict(r.result)
+        if r.error:
+            res["error"] = r.error
+        results.append(res)
+    machine = common.machine_info()
+    elapsed = time.perf_counter() - t_start
+    report = {
+        "machine": machine,
+        "date": common.now_iso(),
+        "config": {
+            "model_dir": args.model_dir, "seq": SEQ, "batches": [8, 1],
+            "runs_b8": args.runs, "runs_b1": args.runs_b1, "warmup": args.warmup,
+            "threads": 2, "anchor": ANCHOR,
+            "targets": [] if args.skip_slimformer else args.targets,
+            "extra": [] if args.skip_slimformer else args.extra,
+            "eval_sentences": len(common.eval_sentences()),
+            "paraphrase_pairs": len(common.paraphrase_pairs()),
+            "elapsed_s": round(elapsed, 1),
+            "load_avg_1min_at_start": round(load_start, 2),
+        },
+        "rows": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results, machine))
+
+    print_table(results)
+    ref = {r["name"]: r for r in results}
+    if "latency_ms_b8" in ref.get("torch_fp32", {}) and "latency_ms_b8" in ref.get(ANCHOR, {}):
+        speedup = ref["torch_fp32"]["latency_ms_b8"] / ref[ANCHOR]["latency_ms_b8"]
+        print(f"anchor is {speedup:.2f}x faster than torch fp32 at batch 8")
+    print(f"wrote {out} and {out.with_suffix('.md')} in {elapsed:.0f}s")
+    if tmp:
+        tmp.cleanup()
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

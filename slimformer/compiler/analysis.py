@@ -1,0 +1,204 @@
+"""Analyses over the ATen FX graph, cached on the GraphModule and dropped when a pass changes it.
+
+- linear ops: `aten.linear`, `aten.addmm` (GPT-2's Conv1D), matmul against a constant weight;
+- attention blocks: `scaled_dot_product_attention` and the matmul -> softmax -> matmul form,
+  with their q/k/v/o projections, head count, head dim and GQA groups.
+Every site is named by its module path (`encoder.layer.3.attention.self.query`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+# Ops that move data around without mixing channels: walked through to find projections.
+_PASSTHROUGH = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.contiguous.default, aten.clone.default, aten.unflatten.int,
+    aten.flatten.using_ints, aten.mul.Tensor, aten.div.Tensor, aten.expand.default,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.to.dtype, aten._to_copy.default,
+    aten.slice.Tensor, aten.contiguous.default, aten.dropout.default,
+}
+
+
+def module_path(node: Node) -> str:
+    """The innermost module a node came from, e.g. 'encoder.layer.0.attention.self.query'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self__.", "")
+
+
+def get_attr_tensor(gm: GraphModule, node: Node | None) -> torch.Tensor | None:
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+@dataclass
+class LinearSite:
+    """y = x @ W.T + b, whatever aten op spells it. `weight` is (out, in) as nn.Linear."""
+
+    node: Node
+    kind: str  # "linear" | "addmm" | "matmul"
+    x: Node
+    weight_node: Node
+    bias_node: Node | None
+    path: str
+
+    def weight(self, gm: GraphModule) -> torch.Tensor:
+        w = get_attr_tensor(gm, self.weight_node)
+        return w if self.kind == "linear" else w.t()  # addmm/matmul hold (in, out)
+
+    def bias(self, gm: GraphModule) -> torch.Tensor | None:
+        return get_attr_tensor(gm, self.bias_node)
+
+    @property
+    def out_features(self) -> int:
+        return self.node.meta["val"].shape[-1]
+
+    @property
+    def in_features(self) -> int:
+        return self.x.meta["val"].shape[-1]
+
+
+def find_linears(gm: GraphModule) -> list[LinearSite]:
+    return _cached(gm, "linears", _find_linears)
+
+
+def _find_linears(gm: GraphModule) -> list[LinearSite]:
+    sites = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target == aten.linear.default:
+            x, w = n.args[0], n.args[1]
+            b = n.args[2] if len(n.args) > 2 else None
+            if get_attr_tensor(gm, w) is not None:
+                sites.append(LinearSite(n, "linear", x, w, b, module_path(n)))
+        elif n.target == aten.addmm.default:
+            b, x, w = n.args[:3]
+            if get_attr_tensor(gm, w) is not None and get_attr_tensor(gm, b) is not None \
+                    and len(n.args) == 3 and not n.kwargs:
+                sites.append(LinearSite(n, "addmm", x, w, b, module_path(n)))
+        elif n.target == aten.matmul.default:
+            x, w = n.args
+            t = get_attr_tensor(gm, w)
+            if t is not None and t.dim() == 2:
+                sites.append(LinearSite(n, "matmul", x, w, None, module_path(n)))
+    return sites
+
+
+@dataclass
+class AttentionSite:
+    """One attention block: the score/softmax/value computation and its projections."""
+
+    node: Node  # the SDPA node, or the final matmul of the explicit form
+    form: str  # "sdpa" | "matmul_softmax"
+    path: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q: LinearSite | None = None
+    k: LinearSite | None = None
+    v: LinearSite | None = None
+    o: LinearSite | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gqa_groups(self) -> int:
+        return self.num_heads // max(self.num_kv_heads, 1)
+
+
+def find_attention(gm: GraphModule) -> list[AttentionSite]:
+    return _cached(gm, "attention", _find_attention)
+
+
+def _producer_linear(node: Node, by_node: dict[Node, LinearSite], depth: int = 12) -> LinearSite | None:
+    """Walk up through reshapes/transposes/scalings to the linear that made `node`."""
+    for _ in range(depth):
+        if node in by_node:
+            return by_node[node]
+        if not isinstance(node, Node) or node.op != "call_function" or node.target not in _PASSTHROUGH:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _consumer_linear(node: Node, by_x: dict[Node, LinearSite], depth: int = 8) -> LinearSite | None:
+    """Walk down a single-use chain of reshapes to the linear that reads `node`."""
+    for _ in range(depth):
+        if node in by_x:
+            return by_x[node]
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _PASSTHROUGH:
+            return None
+        node = users[0]
+    return by_x.get(node)
+
+
+def _find_attention(gm: GraphModule) -> list[AttentionSite]:
+    linears = find_linears(gm)
+    by_node = {s.node: s for s in linears}
+    by_x: dict[Node, LinearSite] = {}
+    for s in linears:
+        by_x.setdefault(s.x, s)
+    sites = []
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target == aten.scaled_dot_product_attention.default:
+            q, k, v = n.args[:3]
+            qs, ks = q.meta["val"].shape, k.meta["val"].shape  # (B, H, T, D)
+            sites.append(AttentionSite(
+                n, "sdpa", module_path(n), int(qs[1]), int(ks[1]), int(qs[-1]),
+                _producer_linear(q, by_node), _producer_linear(k, by_node),
+                _producer_linear(v, by_node), _consumer_linear(n, by_x)))
+        elif n.target == aten._softmax.default or n.target == aten.softmax.int:
+            # explicit form: scores = matmul(q, k^T) [*/ scale, + mask] -> softmax -> matmul(p, v)
+            pv = next((u for u in n.users if u.target in (aten.matmul.default, aten.bmm.default)), None)
+            if pv is None:
+                continue
+            qk = _find_up(n.args[0], {aten.matmul.default, aten.bmm.default})
+            if qk is None:
+                continue
+            q, k = qk.args
+            v = pv.args[1]
+            qs, ks = q.meta["val"].shape, v.meta["val"].shape
+            if len(qs) != 4:
+                continue
+            sites.append(AttentionSite(
+                pv, "matmul_softmax", module_path(pv), int(qs[1]), int(ks[1]), int(qs[-1]),
+                _producer_linear(q, by_node), _producer_linear(k, by_node),
+                _producer_linear(v, by_node), _consumer_linear(pv, by_x),
+                extra={"softmax": n, "qk": qk}))
+    return sites
+
+
+def _find_up(node: Node, targets: set, depth: int = 6) -> Node | None:
+    for _ in range(depth):
+        if not isinstance(node, Node) or node.op != "call_function":
+            return None
+        if node.target in targets:
+            return node
+        node = node.args[0]
+    return None
+
+
+def _cached(gm: GraphModule, key: str, fn):
+    cache = gm.meta.setdefault("analyses", {})
+    if key not in cache:
+        cache[key] = fn(gm)
+    return cache[key]
+
+
+def invalidate(gm: GraphModule) -> None:
+    gm.meta.pop("analyses", None)

@@ -1,0 +1,39 @@
+"""cpu-fp32 and cpu-int8: pipelines, and lowering to ONNX for ONNX Runtime's CPU provider."""
+
+from __future__ import annotations
+
+from slimformer.compiler.compiled import OnnxCompiledModel
+from slimformer.compiler.frontend import dynamic_shapes_for
+from slimformer.compiler.lower_onnx import export_onnx
+from slimformer.compiler.targets import Target, register_target
+from slimformer.kernels.naive import ACT_ROW_NORM_U8
+from slimformer.passes.quantize import QMAX_CPU, QuantizeInt8
+from slimformer.passes.quantize_embeddings import QuantizeEmbeddings
+from slimformer.passes.smooth import Smooth
+
+
+def lower_to_onnx(target_name: str):
+    def lower(gm, ctx, outputs, options):
+        examples = gm.meta["example_inputs"]
+        shapes = dynamic_shapes_for(examples, gm.meta.get("max_seq", 65536))
+        data = export_onnx(gm, examples, shapes, outputs.names)
+        return OnnxCompiledModel(target_name, list(examples), outputs, ctx.report, data,
+                                 threads=options.get("threads"))
+    return lower
+
+
+def cpu_int8_pipeline(options: dict):
+    alpha = options.get("smooth_alpha")
+    return [
+        Smooth(alpha=alpha, act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU),
+        QuantizeInt8(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, gptq=options.get("gptq", True),
+                     sensitivity=options.get("sensitivity", True)),
+        QuantizeEmbeddings(),
+    ]
+
+
+register_target(Target("cpu-fp32", "cpu", "float32 ONNX for ONNX Runtime", lambda o: [],
+                       lower_to_onnx("cpu-fp32")))
+register_target(Target("cpu-int8", "cpu",
+                       "int8 weights (GPTQ, SmoothQuant), per-token dynamic int8 activations, int8 embeddings",
+                       cpu_int8_pipeline, lower_to_onnx("cpu-int8")))

@@ -1,0 +1,126 @@
+"""CPU lowering: the compressed FX graph -> a plain ONNX model for vanilla ONNX Runtime.
+
+Each slimformer op is swapped for the ONNX Runtime operators that compute the same arithmetic
+(`torch.onnx.ops.symbolic` emits a `com.microsoft` node the exporter passes through), then
+`torch.onnx.export(dynamo=True)` writes the model. Attention is re-spelt as plain matmuls:
+the exporter's SDPA decomposition adds NaN guards and shape plumbing ONNX Runtime runs slowly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import warnings
+
+import torch
+from torch.fx import GraphModule
+
+from slimformer.compiler.graph_utils import add_constant, replace_node
+from slimformer.errors import SlimformerError
+from slimformer.kernels import naive
+from slimformer.passes.quantize import weight_only_int8_linear
+
+aten = torch.ops.aten
+
+
+def dynamic_quantize_matmul(x, w_t, w_scale, bias):
+    """ORT com.microsoft.DynamicQuantizeMatMul: x (..., K) fp32, w_t (K, N) int8, per-column scale."""
+    n = w_t.shape[1]
+    return torch.onnx.ops.symbolic(
+        "com.microsoft::DynamicQuantizeMatMul", [x, w_t, w_scale, None, bias],
+        dtype=torch.float32, shape=[*x.shape[:-1], n], version=1)
+
+
+def row_norm_int8_matmul(x, w_t, w_scale, bias):
+    """Per-token precision: rows scaled to absmax 1, per-tensor quantized matmul, scaled back."""
+    r = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-6)  # (..., 1)
+    y = dynamic_quantize_matmul(x / r, w_t, w_scale, None) * r
+    return y if bias is None else y + bias
+
+
+def dequantize_matmul(x, w_t, w_scale, bias):
+    """Weight-only int8: ONNX DequantizeLinear (per column of the (K, N) weight) then MatMul.
+    Spelt as a DequantizeLinear node so the exporter's constant folding keeps int8 storage."""
+    k, n = w_t.shape
+    w = torch.onnx.ops.symbolic("DequantizeLinear", [w_t, w_scale], {"axis": 1},
+                                dtype=torch.float32, shape=[k, n], version=19)
+    y = torch.matmul(x, w)
+    return y if bias is None else y + bias
+
+
+def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as matmul -> softmax -> matmul. q: (B, H, T, D), k/v: (B, Hkv, S, D)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))  # (B, H, T, S)
+    if is_causal:
+        t, s = q.shape[-2], k.shape[-2]
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def prepare_for_onnx(gm: GraphModule) -> GraphModule:
+    """Swaps slimformer ops and SDPA for their ONNX Runtime spellings, in place."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == torch.ops.slimformer.int8_linear.default:
+            x, wq, ws, bias, mode = node.args
+            w = _attr(gm, wq.target)
+            w_t = add_constant(gm, f"{wq.target}_t", w.t().contiguous(), node)
+            fn = {naive.ACT_PER_TENSOR_U8: dynamic_quantize_matmul,
+                  naive.ACT_ROW_NORM_U8: row_norm_int8_matmul}.get(mode)
+            if fn is None:
+                raise SlimformerError(f"int8_linear act_mode {mode} has no CPU lowering",
+                                      "use a cpu-* target's pipeline (act_mode 0 or 2)")
+            replace_node(gm, node, fn, (x, w_t, ws, bias))
+        elif node.target == weight_only_int8_linear:
+            x, wq, ws, bias = node.args
+            w_t = add_constant(gm, f"{wq.target}_t", _attr(gm, wq.target).t().contiguous(), node)
+            replace_node(gm, node, dequantize_matmul, (x, w_t, ws, bias))
+        elif node.target == aten.scaled_dot_product_attention.default:
+            replace_node(gm, node, explicit_attention, node.args, node.kwargs)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _attr(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for p in target.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def export_onnx(gm: GraphModule, example_inputs: dict, dynamic_shapes: dict,
+                output_names: list[str]) -> bytes:
+    """One self-contained ONNX model (no external data), serialized."""
+    prepare_for_onnx(gm)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib_redirect():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                gm, (), kwargs=example_inputs, dynamic_shapes=dynamic_shapes, dynamo=True,
+                input_names=list(example_inputs), output_names=output_names, optimize=True,
+                verbose=False)
+        except Exception as e:
+            raise SlimformerError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                                  "run with --dump-ir DIR to see the graph that failed to export") from e
+    return program.model_proto.SerializeToString()
+
+
+def contextlib_redirect():
+    """The exporter prints progress lines to stdout; keep the CLI output readable."""
+    import contextlib
+    return contextlib.redirect_stdout(io.StringIO())

@@ -1,0 +1,84 @@
+"""The report: what each pass changed, how long it took, and the fidelity after it.
+
+Saved as `report.json` in every artifact and printed by `slimformer convert` / `inspect`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    summary: str
+    seconds: float
+    fidelity: dict | None = None  # Fidelity.as_dict() after the pass
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    target: str
+    model: str
+    fidelity_budget: float
+    passes: list[PassRecord] = field(default_factory=list)
+    size_before_mb: float | None = None
+    size_after_mb: float | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    float_layers: dict = field(default_factory=dict)  # path -> why it stayed in float
+    final_fidelity: dict | None = None  # measured on the lowered artifact
+    lowering: dict = field(default_factory=dict)
+    seconds_total: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Report:
+        d = dict(d)
+        d["passes"] = [PassRecord(**p) for p in d.get("passes", [])]
+        return cls(**d)
+
+    @property
+    def ok(self) -> bool:
+        f = self.final_fidelity
+        return f is not None and f["cos_min"] >= self.fidelity_budget
+
+    def print(self, console: Console | None = None) -> None:
+        console = console or Console()
+        table = Table(title=f"slimformer: {self.model} -> {self.target}", title_justify="left")
+        for col in ("pass", "changed", "time", "cos min", "cos mean", "max abs"):
+            table.add_column(col, justify="right" if col not in ("pass", "changed") else "left")
+        for p in self.passes:
+            f = p.fidelity or {}
+            table.add_row(
+                p.name, p.summary if p.modified else "[dim]nothing[/dim]", f"{p.seconds:.1f}s",
+                _fmt(f.get("cos_min")), _fmt(f.get("cos_mean")), _fmt(f.get("max_abs"), ".2e"))
+        if self.final_fidelity:
+            f = self.final_fidelity
+            table.add_row("[bold]lowered artifact[/bold]", self.lowering.get("summary", ""), "",
+                          _fmt(f["cos_min"]), _fmt(f["cos_mean"]), _fmt(f["max_abs"], ".2e"))
+        console.print(table)
+        if self.size_before_mb is not None and self.size_after_mb is not None:
+            console.print(f"size: {self.size_before_mb:.1f} MB -> {self.size_after_mb:.1f} MB "
+                          f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.1f}x smaller)")
+        if self.float_layers:
+            console.print(f"kept in float ({len(self.float_layers)}):")
+            for path, why in self.float_layers.items():
+                console.print(f"  {path}: {why}")
+        if self.final_fidelity:
+            f = self.final_fidelity
+            mark = "[green][✓][/green]" if self.ok else "[red][x][/red]"
+            console.print(f"fidelity {mark} min cosine {f['cos_min']:.5f} (budget {self.fidelity_budget}), "
+                          f"mean {f['cos_mean']:.5f}, max abs {f['max_abs']:.3g}")
+
+
+def _fmt(v, spec: str = ".5f") -> str:
+    return "-" if v is None else format(v, spec)

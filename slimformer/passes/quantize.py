@@ -1,0 +1,188 @@
+"""INT8 weight quantization of every linear, with a sensitivity analysis that keeps in float
+the layers whose quantization would push end-to-end fidelity below the budget.
+
+Weights: symmetric int8 per output channel. Activations: quantized dynamically at run time by
+the op (`act_mode`: per-tensor uint8 as ONNX Runtime's DynamicQuantizeMatMul does on the CPU,
+per-token int8 in the Triton kernel on the GPU). Linears become `slimformer::int8_linear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from slimformer.compiler import analysis
+from slimformer.compiler.graph_utils import add_constant, capture, remove_unused_attrs, replace_node
+from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
+from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimformer.*)
+from slimformer.passes.int4_algorithms import HessianAccumulator, inverse_hessian_cholesky
+
+# x86 CPUs without VNNI multiply u8 x s8 pairs with `vpmaddubsw`, whose int16 sums saturate
+# for |w| > 64 (255 * 127 * 2 > 32767): ONNX Runtime's results then silently drift. Weights in
+# [-64, 64] are exact on every CPU, so the CPU targets use that range ("reduce_range").
+QMAX_CPU = 64
+QMAX_FULL = 127
+
+
+def quantize_weight_int8(w: torch.Tensor, qmax: int = QMAX_FULL) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (N, K) int8 and (N,) fp32 scales; symmetric, per output channel."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax
+    q = torch.clamp(torch.round(w / scale[:, None]), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def gptq_weight_int8(w: torch.Tensor, hessian: torch.Tensor, qmax: int, damp: float = 0.01,
+                     lazy: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022) for symmetric per-channel int8: same scales as round-to-nearest,
+    but each column's rounding error is pushed onto the columns not yet quantized, weighted by
+    the inverse Hessian of the layer's calibration inputs. w: (N, K); hessian: (K, K)."""
+    w = w.float().clone()
+    n, k = w.shape
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / qmax  # (N,)
+    h = hessian.double().clone()
+    dead = torch.nonzero(h.diagonal() == 0).flatten()  # inputs that never fire: weight is free
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hinv = inverse_hessian_cholesky(h, damp)  # (K, K) upper
+    q = torch.zeros(n, k)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]  # (N, B), (B, B)
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            qc = torch.clamp(torch.round(col / scale), -qmax, qmax)
+            q[:, i1 + i] = qc
+            err = (col - qc * scale) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # deferred update of the later columns
+    return q.to(torch.int8), scale
+
+
+def weight_only_int8_linear(x, w_q, w_scale, bias):
+    """Float compute on an int8-stored weight: for layers too sensitive to int8 activations.
+    The artifact keeps int8 storage; ONNX Runtime dequantizes the weight at run time."""
+    w = w_q.float() * w_scale[:, None]  # (N, K)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
+class _Swap:
+    """One linear replaced by int8_linear; `undo()` puts the float linear back."""
+
+    def __init__(self, gm: GraphModule, site: analysis.LinearSite, act_mode: int,
+                 weights: tuple[torch.Tensor, torch.Tensor]):
+        self.gm, self.site = gm, site
+        self.orig = (site.node.target, site.node.args, site.node.kwargs, dict(site.node.meta))
+        self.weights = weights
+        q, s = weights
+        wq = add_constant(gm, f"{site.path}.w_int8", q, site.node)
+        ws = add_constant(gm, f"{site.path}.w_scale", s, site.node)
+        self.node = replace_node(gm, site.node, torch.ops.slimformer.int8_linear.default,
+                                 (site.x, wq, ws, site.bias_node, act_mode))
+
+    def undo(self, weight_only: bool = False) -> None:
+        """Back to float compute: the original linear, or with weight_only its int8 weight."""
+        target, args, kwargs, meta = self.orig
+        if weight_only:  # full 8-bit range: no integer matmul, so no saturation concern
+            q, s = quantize_weight_int8(self.site.weight(self.gm), QMAX_FULL)
+            wq = add_constant(self.gm, f"{self.site.path}.w_int8_wo", q, self.node)
+            ws = add_constant(self.gm, f"{self.site.path}.w_scale_wo", s, self.node)
+            target, args, kwargs = weight_only_int8_linear, (self.site.x, wq, ws, self.site.bias_node), {}
+        with self.gm.graph.inserting_before(self.node):
+            back = self.gm.graph.call_function(target, args, kwargs)
+        back.meta = meta
+        self.node.replace_all_uses_with(back)
+        self.gm.graph.erase_node(self.node)
+        for const in self.node.args[1:3]:
+            if isinstance(const, Node) and not const.users:
+                self.gm.graph.erase_node(const)
+        if not weight_only:  # a weight-only node is final; the site keeps pointing at the float op
+            self.site.node = back
+
+
+@register_pass
+@dataclass
+class QuantizeInt8(Pass):
+    """Options: act_mode (0 CPU/ORT, 1 GPU/Triton); sensitivity analysis on/off; exclude paths."""
+
+    name = "quantize_int8"
+    act_mode: int = 0
+    qmax: int = QMAX_FULL
+    gptq: bool = True
+    sensitivity: bool = True
+    max_float_fraction: float = 0.25
+    sensitivity_batches: int = 2  # per-layer errors are ranked on a subset, the budget on all
+    exclude: list[str] = field(default_factory=list)
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        sites = [s for s in analysis.find_linears(gm) if not any(e in s.path for e in self.exclude)]
+        if not sites:
+            return PassResult(gm, False, "no linear layers found")
+        weights = self._quantized_weights(gm, ctx, sites)
+        swaps = [_Swap(gm, s, self.act_mode, w) for s, w in zip(sites, weights)]
+        gm.recompile()
+        float_layers: dict[str, str] = {f"{e}*": "excluded by option" for e in self.exclude}
+        if self.sensitivity:
+            float_layers.update(self._keep_sensitive_in_float(gm, ctx, swaps))
+        remove_unused_attrs(gm)
+        if ctx.report is not None:
+            ctx.report.float_layers.update(float_layers)
+        n_int8 = len(swaps) - sum(1 for p in float_layers if not p.endswith("*"))
+        return PassResult(gm, True, f"{n_int8}/{len(swaps)} linears -> int8",
+                          {"float_layers": float_layers})
+
+    def _quantized_weights(self, gm, ctx, sites) -> list:
+        """Per site (int8 weight, scales): GPTQ from calibration inputs, or round-to-nearest."""
+        if not self.gptq:
+            return [quantize_weight_int8(s.weight(gm), self.qmax) for s in sites]
+        hessians = {x: HessianAccumulator() for x in {s.x for s in sites}}
+        capture(gm, list(hessians), ctx.calibration, lambda n, t, i: hessians[n].add(t.float()))
+        task = _progress_task(ctx, "GPTQ int8", len(sites))
+        out = []
+        for s in sites:
+            out.append(gptq_weight_int8(s.weight(gm), hessians[s.x].hessian(), self.qmax))
+            _advance(ctx, task)
+        return out
+
+    def _keep_sensitive_in_float(self, gm, ctx, swaps: list[_Swap]) -> dict[str, str]:
+        budget = ctx.fidelity_budget
+        fid = ctx.fidelity(gm)
+        if fid.ok(budget):
+            return {}
+        # Error each layer adds on its own: quantize it alone, measure end to end.
+        task = _progress_task(ctx, "sensitivity", len(swaps))
+        for s in swaps:
+            s.undo()
+        gm.recompile()
+        errors = []
+        for s in swaps:
+            s2 = _Swap(gm, s.site, self.act_mode, s.weights)
+            gm.recompile()
+            errors.append(1.0 - ctx.fidelity(gm, self.sensitivity_batches).cos_min)
+            s2.undo()
+            _advance(ctx, task)
+        order = sorted(range(len(swaps)), key=lambda i: -errors[i])
+        live = {i: _Swap(gm, swaps[i].site, self.act_mode, swaps[i].weights) for i in range(len(swaps))}
+        gm.recompile()
+        kept: dict[str, str] = {}
+        for i in order[: max(1, int(self.max_float_fraction * len(swaps)))]:
+            live.pop(i).undo(weight_only=True)
+            gm.recompile()
+            kept[swaps[i].site.path] = f"int8 activations alone cost {errors[i]:.2e} cosine: float compute, int8 weight"
+            fid = ctx.fidelity(gm)
+            if fid.ok(budget):
+                break
+        return kept
+
+
+def _progress_task(ctx: CompileContext, what: str, total: int):
+    return ctx.progress.add_task(what, total=total) if ctx.progress is not None else None
+
+
+def _advance(ctx: CompileContext, task) -> None:
+    if task is not None:
+        ctx.progress.advance(task)

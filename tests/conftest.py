@@ -1,0 +1,15 @@
+"""Session-wide test settings.
+
+TRITON_INTERPRET=1: the Triton kernels run on CPU tensors under Triton's interpreter, which is
+how the suite checks them without a GPU. It must be set before any kernel module is imported
+(`@triton.jit` reads it at decoration time); slimformer imports kernel modules lazily, on the
+first op call, so setting it here is early enough. Every CPU call of a custom op with a Triton
+kernel then runs that kernel (slowly); set SLIMFORMER_KERNELS=reference to force the
+plain-PyTorch references instead (see slimformer/kernels/_triton.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")

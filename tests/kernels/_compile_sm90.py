@@ -1,0 +1,91 @@
+"""Build every slimformer Triton kernel for an H100 (sm_90) without a GPU; print JSON.
+
+Run as a script, in a process WITHOUT TRITON_INTERPRET (the interpreter replaces @triton.jit,
+so nothing could be compiled): `python tests/kernels/_compile_sm90.py`. Used by
+test_compile_sm90.py. Pointer arguments get 16-byte alignment hints, as Triton's launcher
+would give aligned tensors; without them loads do not vectorize and nothing is pipelined.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from slimformer.kernels import int4_linear as k4  # noqa: E402
+from slimformer.kernels import int8_linear as k8  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+MMA = re.compile(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)")
+
+
+def build(name, fn, sig, consts, num_warps, num_stages, aligned_ints=()):
+    names = list(fn.arg_names)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]]
+             for a, t in sig.items() if t.startswith("*") or a in aligned_ints}
+    src = triton.compiler.ASTSource(
+        fn=fn, signature={**sig, **{c: "constexpr" for c in consts}}, constexprs=consts,
+        attrs=attrs)
+    compiled = triton.compile(src, target=TARGET,
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    return {"name": name, "consts": {k: str(v) for k, v in consts.items()},
+            "num_warps": num_warps, "num_stages": num_stages,
+            "mma": sorted(set(MMA.findall(ptx))), "shared": compiled.metadata.shared,
+            "cubin_bytes": len(compiled.asm.get("cubin", b""))}
+
+
+def int8_kernels():
+    sig = dict(a_ptr="*i8", b_ptr="*i8", c_ptr="*fp16", sa_ptr="*fp32", sb_ptr="*fp32",
+               bias_ptr="*fp16", M="i32", N="i32", K="i32", M_BUCKET="i32",
+               stride_am="i32", stride_bn="i32", stride_cm="i32")
+    aligned = ("N", "K", "stride_am", "stride_bn", "stride_cm")
+    for cfg in k8.CONFIGS_SMALL_M + k8.CONFIGS_MID_M + k8.CONFIGS_LARGE_M:
+        consts = dict(HAS_BIAS=True, RAW_ACC=False, EVEN_K=True, **cfg.kwargs)
+        yield build("int8_matmul", k8._int8_matmul_kernel, sig, consts,
+                    cfg.num_warps, cfg.num_stages, aligned)
+    cfg = k8.CONFIGS_LARGE_M[0]  # masked K tail, bf16 output
+    consts = dict(HAS_BIAS=False, RAW_ACC=False, EVEN_K=False, **cfg.kwargs)
+    yield build("int8_matmul", k8._int8_matmul_kernel, {**sig, "c_ptr": "*bf16"}, consts,
+                cfg.num_warps, cfg.num_stages, aligned)
+    qsig = dict(x_ptr="*fp16", q_ptr="*i8", s_ptr="*fp32", M="i32", K="i32",
+                stride_xm="i32", stride_qm="i32")
+    for K in (768, 4096, 11008, 20000):  # BERT, Llama, Llama's FFN, a two-pass row
+        meta = k8.quant_launch_params(K)
+        warps = meta.pop("num_warps")
+        yield build("quant_rows", k8._quant_rows_kernel, qsig, meta, warps, 1, ("K", "stride_xm"))
+
+
+def int4_kernels():
+    sig = dict(x_ptr="*fp16", qw_ptr="*u8", s_ptr="*fp16", zp_ptr="*u8", bias_ptr="*fp16",
+               y_ptr="*fp16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
+               M_BUCKET="i32", N_BLOCKS="i32", ZP_STRIDE="i32", stride_xm="i32", stride_ym="i32")
+    aligned = ("N", "K", "N_BLOCKS", "stride_xm", "stride_ym")
+    base = dict(HAS_ZP=True, HAS_BIAS=True, EVEN_K=True, GROUP=128, PRECISION="tf32",
+                DOT_F32=False)
+    for cfg in k4.CONFIGS_SMALL_M + k4.CONFIGS_MID_M + k4.CONFIGS_LARGE_M:
+        yield build("int4_matmul", k4._int4_matmul_kernel, sig, {**base, **cfg.kwargs},
+                    cfg.num_warps, cfg.num_stages, aligned)
+    cfg = k4.CONFIGS_LARGE_M[0]
+    bf16 = {**sig, "x_ptr": "*bf16", "s_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16"}
+    consts = {**base, "GROUP": 32, "HAS_ZP": False, "EVEN_K": False, **cfg.kwargs}
+    yield build("int4_matmul", k4._int4_matmul_kernel, bf16, consts,
+                cfg.num_warps, cfg.num_stages, aligned)
+
+
+def main():
+    which = sys.argv[1:] or ["int8", "int4"]
+    gens = {"int8": int8_kernels, "int4": int4_kernels}
+    for w in which:
+        for rec in gens[w]():
+            print(json.dumps(rec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
