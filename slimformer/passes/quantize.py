@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 from slimformer.compiler import analysis
 from slimformer.compiler.graph_utils import add_constant, capture, remove_unused_attrs, replace_node
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
-from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimformer.*)
+from slimformer.kernels import naive, ops  # noqa: F401  (ops registers torch.ops.slimformer.*)
 from slimformer.passes.int4_algorithms import HessianAccumulator, inverse_hessian_cholesky
 
 # x86 CPUs without VNNI multiply u8 x s8 pairs with `vpmaddubsw`, whose int16 sums saturate
@@ -77,21 +77,26 @@ class _Swap:
                  weights: tuple[torch.Tensor, torch.Tensor]):
         self.gm, self.site = gm, site
         self.orig = (site.node.target, site.node.args, site.node.kwargs, dict(site.node.meta))
-        self.weights = weights
+        self.weights, self.act_mode = weights, act_mode
         q, s = weights
         wq = add_constant(gm, f"{site.path}.w_int8", q, site.node)
         ws = add_constant(gm, f"{site.path}.w_scale", s, site.node)
+        # The input is read off the node, not site.x: where a linear feeds a linear (ALBERT's
+        # embedding projection), the producer's swap has already replaced site.x.
+        x = site.node.args[1] if site.kind == "addmm" else site.node.args[0]
         self.node = replace_node(gm, site.node, torch.ops.slimformer.int8_linear.default,
-                                 (site.x, wq, ws, site.bias_node, act_mode))
+                                 (x, wq, ws, site.bias_node, act_mode))
 
     def undo(self, weight_only: bool = False) -> None:
         """Back to float compute: the original linear, or with weight_only its int8 weight."""
         target, args, kwargs, meta = self.orig
+        x = self.node.args[0]  # the current input (its producer may have been swapped since)
+        args = (args[0], x, *args[2:]) if self.site.kind == "addmm" else (x, *args[1:])
         if weight_only:  # full 8-bit range: no integer matmul, so no saturation concern
             q, s = quantize_weight_int8(self.site.weight(self.gm), QMAX_FULL)
             wq = add_constant(self.gm, f"{self.site.path}.w_int8_wo", q, self.node)
             ws = add_constant(self.gm, f"{self.site.path}.w_scale_wo", s, self.node)
-            target, args, kwargs = weight_only_int8_linear, (self.site.x, wq, ws, self.site.bias_node), {}
+            target, args, kwargs = weight_only_int8_linear, (x, wq, ws, self.site.bias_node), {}
         with self.gm.graph.inserting_before(self.node):
             back = self.gm.graph.call_function(target, args, kwargs)
         back.meta = meta
@@ -116,14 +121,20 @@ class QuantizeInt8(Pass):
     sensitivity: bool = True
     max_float_fraction: float = 0.25
     sensitivity_batches: int = 2  # per-layer errors are ranked on a subset, the budget on all
+    # Per input group, pick among these activation modes: the first (cheapest) unless a later
+    # one cuts the calibration output error by `auto_margin`x. Empty: act_mode everywhere.
+    auto_act_modes: list[int] = field(default_factory=list)
+    auto_margin: float = 1.5
+    auto_tokens: int = 2048
     exclude: list[str] = field(default_factory=list)
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         sites = [s for s in analysis.find_linears(gm) if not any(e in s.path for e in self.exclude)]
         if not sites:
             return PassResult(gm, False, "no linear layers found")
-        weights = self._quantized_weights(gm, ctx, sites)
-        swaps = [_Swap(gm, s, self.act_mode, w) for s, w in zip(sites, weights)]
+        weights, samples = self._quantized_weights(gm, ctx, sites)
+        modes = self._choose_act_modes(gm, sites, weights, samples)
+        swaps = [_Swap(gm, s, modes[s.x], w) for s, w in zip(sites, weights)]
         gm.recompile()
         float_layers: dict[str, str] = {f"{e}*": "excluded by option" for e in self.exclude}
         if self.sensitivity:
@@ -132,21 +143,69 @@ class QuantizeInt8(Pass):
         if ctx.report is not None:
             ctx.report.float_layers.update(float_layers)
         n_int8 = len(swaps) - sum(1 for p in float_layers if not p.endswith("*"))
-        return PassResult(gm, True, f"{n_int8}/{len(swaps)} linears -> int8",
-                          {"float_layers": float_layers})
+        per_token = sum(1 for w in swaps if w.act_mode != naive.ACT_PER_TENSOR_U8)
+        summary = f"{n_int8}/{len(swaps)} linears -> int8"
+        if self.auto_act_modes:
+            summary += f", {per_token} with per-token activations"
+        return PassResult(gm, True, summary, {"float_layers": float_layers,
+                          "act_modes": {w.site.path: w.act_mode for w in swaps}})
 
-    def _quantized_weights(self, gm, ctx, sites) -> list:
-        """Per site (int8 weight, scales): GPTQ from calibration inputs, or round-to-nearest."""
+    def _quantized_weights(self, gm, ctx, sites) -> tuple[list, dict]:
+        """Per site (int8 weight, scales): GPTQ from calibration inputs, or round-to-nearest;
+        and per input node a sample of calibration batches for choosing activation modes."""
+        inputs = list(dict.fromkeys(s.x for s in sites))
+        hessians = {x: HessianAccumulator() for x in inputs}
+        samples: dict = {x: [] for x in inputs}
+        need_samples = len(self.auto_act_modes) > 1
+
+        def record(n, t, i):
+            if self.gptq:
+                hessians[n].add(t.float())
+            if need_samples and sum(x.numel() // x.shape[-1] for x in samples[n]) < self.auto_tokens:
+                samples[n].append(t.detach().float())
+
+        if self.gptq or need_samples:
+            capture(gm, inputs, ctx.calibration, record)
         if not self.gptq:
-            return [quantize_weight_int8(s.weight(gm), self.qmax) for s in sites]
-        hessians = {x: HessianAccumulator() for x in {s.x for s in sites}}
-        capture(gm, list(hessians), ctx.calibration, lambda n, t, i: hessians[n].add(t.float()))
+            return [quantize_weight_int8(s.weight(gm), self.qmax) for s in sites], samples
+        self._hessians = hessians
         task = _progress_task(ctx, "GPTQ int8", len(sites))
         out = []
         for s in sites:
             out.append(gptq_weight_int8(s.weight(gm), hessians[s.x].hessian(), self.qmax))
             _advance(ctx, task)
-        return out
+        return out, samples
+
+    def _choose_act_modes(self, gm, sites, weights, samples) -> dict:
+        """Input node -> act_mode. Row-normalised (per-token) activations cost a few elementwise
+        ops; after a LayerNorm rows are alike and per-tensor does as well, so measure."""
+        groups: dict = {}
+        for s, w in zip(sites, weights):
+            groups.setdefault(s.x, []).append((s, w))
+        if len(self.auto_act_modes) < 2:
+            return {x: self.act_mode for x in groups}
+        chosen = {}
+        for x, members in groups.items():
+            errs = []
+            for mode in self.auto_act_modes:
+                err = 0.0
+                for t in samples[x]:
+                    for s, (q, sc) in members:
+                        ref = torch.nn.functional.linear(t, s.weight(gm).float())
+                        err += (ref - naive.int8_linear_ref(t, q, sc, None, mode)).pow(2).sum().item()
+                errs.append(err)
+            best = 0
+            for i in range(1, len(errs)):
+                if errs[i] * self.auto_margin < errs[best]:
+                    best = i
+            chosen[x] = self.auto_act_modes[best]
+        return chosen
+
+    def _requantize(self, gm, site, qmax: int):
+        h = getattr(self, "_hessians", {}).get(site.x)
+        if h is not None:
+            return gptq_weight_int8(site.weight(gm), h.hessian(), qmax)
+        return quantize_weight_int8(site.weight(gm), qmax)
 
     def _keep_sensitive_in_float(self, gm, ctx, swaps: list[_Swap]) -> dict[str, str]:
         budget = ctx.fidelity_budget
@@ -160,21 +219,34 @@ class QuantizeInt8(Pass):
         gm.recompile()
         errors = []
         for s in swaps:
-            s2 = _Swap(gm, s.site, self.act_mode, s.weights)
+            s2 = _Swap(gm, s.site, s.act_mode, s.weights)
             gm.recompile()
             errors.append(1.0 - ctx.fidelity(gm, self.sensitivity_batches).cos_min)
             s2.undo()
             _advance(ctx, task)
         order = sorted(range(len(swaps)), key=lambda i: -errors[i])
-        live = {i: _Swap(gm, swaps[i].site, self.act_mode, swaps[i].weights) for i in range(len(swaps))}
+        live = {i: _Swap(gm, swaps[i].site, swaps[i].act_mode, swaps[i].weights) for i in range(len(swaps))}
         gm.recompile()
         kept: dict[str, str] = {}
-        for i in order[: max(1, int(self.max_float_fraction * len(swaps)))]:
+        limit = max(1, int(self.max_float_fraction * len(swaps)))
+        # Tier 1: full 8-bit weights (|w| <= 127) for the most sensitive layers. On the CPU they
+        # run as u8 x u8 (exact on every CPU, ~1.3x an s8 matmul, still ~1.5x faster than float).
+        if self.qmax < QMAX_FULL:
+            for i in order[:limit]:
+                s = live[i]
+                wide = self._requantize(gm, s.site, QMAX_FULL)
+                s.undo()
+                live[i] = _Swap(gm, s.site, s.act_mode, wide)
+                gm.recompile()
+                kept[s.site.path] = f"int8 activations alone cost {errors[i]:.2e} cosine: 8-bit weights"
+                if ctx.fidelity(gm).ok(budget):
+                    return kept
+        # Tier 2: float compute on an int8-stored weight.
+        for i in order[:limit]:
             live.pop(i).undo(weight_only=True)
             gm.recompile()
             kept[swaps[i].site.path] = f"int8 activations alone cost {errors[i]:.2e} cosine: float compute, int8 weight"
-            fid = ctx.fidelity(gm)
-            if fid.ok(budget):
+            if ctx.fidelity(gm).ok(budget):
                 break
         return kept
 
