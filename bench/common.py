@@ -124,21 +124,28 @@ def size_mb(files: list[Path]) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
-def time_round_robin(systems: dict[str, Callable[[], object]], runs: int, warmup: int
-                     ) -> dict[str, float]:
-    """Median latency (ms) per system. Systems are interleaved round by round, and the order
-    rotates each round, so slow drift of a noisy machine hits every system alike."""
+def time_round_robin(systems: dict[str, Callable[[], object]], runs: int, warmup: int,
+                     per_turn: int = 5) -> dict[str, float]:
+    """Median latency (ms) of `runs` timed calls per system.
+
+    Systems take turns, round after round, with the order rotating each round, so the slow
+    drift of a noisy machine hits every system alike. Each turn makes one untimed call, then
+    `per_turn` timed ones: right after a switch, the previous system's thread pool may still be
+    spinning (ORT's workers, torch's OpenMP) and steal a core from the first call.
+    """
     names = list(systems)
     for _ in range(warmup):
         for name in names:
             systems[name]()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(runs):
+    for r in range(-(-runs // per_turn)):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            t0 = time.perf_counter()
             systems[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(min(per_turn, runs - len(times[name]))):
+                t0 = time.perf_counter()
+                systems[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
     return {n: statistics.median(t) for n, t in times.items()}
 
 

@@ -18,6 +18,7 @@ import collections
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,19 +61,20 @@ def build_torch(model_dir: str) -> tuple[Row, torch.nn.Module]:
 
 
 class _LastHidden(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    """Positional inputs in, last_hidden_state out: the legacy exporter's calling convention."""
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids).last_hidden_state
+    def __init__(self, model, names):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        return self.model(**dict(zip(self.names, args))).last_hidden_state
 
 
 def export_fp32(model: torch.nn.Module, feeds: dict, path: Path) -> None:
     # The legacy exporter gives the faster ORT graph on this CPU (FACTS.md).
-    wrapper = _LastHidden(model).eval()  # eval(): legacy export restores training flags
-    names = ["input_ids", "attention_mask", "token_type_ids"]
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in feeds]
+    wrapper = _LastHidden(model, names).eval()  # eval(): legacy export restores training flags
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
     dyn = {n: {0: "batch", 1: "sequence"} for n in names}
     dyn["last_hidden_state"] = {0: "batch", 1: "sequence"}
@@ -118,7 +120,7 @@ def convert(model_dir: str, target: str, extra: list[str], out: Path, timeout: f
     reader.join()
     print(f"  (convert took {time.perf_counter() - t0:.0f}s, exit {rc})", flush=True)
     if rc != 0:
-        return f"convert exited {rc}: " + " | ".join(tail)
+        return f"convert exited {rc}: " + " / ".join(tail)
     if not (out / "model.onnx").exists():
         return f"convert succeeded but wrote no {out / 'model.onnx'}"
     return None
@@ -133,6 +135,11 @@ def slimformer_rows(args, work: Path) -> list[Row]:
     rows = []
     for name, target, extra in jobs:
         out = work / name
+        if args.reuse_artifacts and (out / "model.onnx").exists():
+            print(f"reusing {out / 'model.onnx'}", flush=True)
+            rows.append(onnx_row(name, out / "model.onnx"))
+            continue
+        shutil.rmtree(out, ignore_errors=True)  # a rerun with --workdir starts clean
         err = convert(args.model_dir, target, extra, out, args.convert_timeout)
         rows.append(Row(name, error=err) if err else onnx_row(name, out / "model.onnx"))
     return rows
@@ -164,7 +171,7 @@ def measure_speed(rows: list[Row], tokenizer, args) -> None:
     for batch, runs, key in ((8, args.runs, "b8"), (1, args.runs_b1, "b1")):
         feeds = common.tokenize(tokenizer, texts[:batch], max_length=SEQ)
         systems = {r.name: (lambda r=r, f=feeds: r.run(f)) for r in live}
-        print(f"timing batch {batch} x seq {SEQ}: {runs} interleaved rounds ...", flush=True)
+        print(f"timing batch {batch} x seq {SEQ}: {runs} runs each, interleaved ...", flush=True)
         for name, ms in common.time_round_robin(systems, runs, args.warmup).items():
             next(r for r in live if r.name == name).result[f"latency_ms_{key}"] = ms
     for key in ("b8", "b1"):
@@ -213,7 +220,8 @@ def markdown(results: list[dict], machine: dict) -> str:
         "|" + "---|" * len(head),
     ]
     for res in results:
-        name = res["name"] + (f" (error: {res['error']})" if res.get("error") else "")
+        err = res.get("error", "").replace("|", "/")  # a '|' would split the table cell
+        name = res["name"] + (f" (error: {err[:150]})" if err else "")
         lines.append("| " + " | ".join([name, *cells(res)]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -225,15 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                    help="extra slimformer variant, e.g. 'cpu-int8+prune=--prune-heads 0.25'")
     p.add_argument("--skip-slimformer", action="store_true", help="baselines only")
-    p.add_argument("--runs", type=int, default=20, help="timed rounds at batch 8")
-    p.add_argument("--runs-b1", type=int, default=50, help="timed rounds at batch 1")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per system at batch 8")
+    p.add_argument("--runs-b1", type=int, default=50, help="timed runs per system at batch 1")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--convert-timeout", type=float, default=900)
     p.add_argument("--workdir", default=None, help="keep exported models here (default: temp)")
+    p.add_argument("--reuse-artifacts", action="store_true",
+                   help="with --workdir: skip `convert` where an artifact is already there "
+                        "(to re-time on a quieter machine without converting again)")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "cpu_minilm.json"),
                    help="JSON result path; the markdown table goes beside it (.md)")
     args = p.parse_args(argv)
     args.model_dir = args.model_dir or common.minilm_dir()
+    if args.reuse_artifacts and not args.workdir:
+        p.error("--reuse-artifacts needs --workdir")
     # Set before transformers is first imported: huggingface_hub reads it at import time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -272,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     print("measuring fidelity and recall ...", flush=True)
     measure_quality(rows, tokenizer)
     measure_speed(rows, tokenizer, args)
+    load_end = os.getloadavg()[0]  # includes this process's own ~2 busy threads
 
     results = []
     for r in rows:
@@ -294,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "paraphrase_pairs": len(common.paraphrase_pairs()),
             "elapsed_s": round(elapsed, 1),
             "load_avg_1min_at_start": round(load_start, 2),
+            "load_avg_1min_after_timing": round(load_end, 2),
         },
         "rows": results,
     }

@@ -13,3 +13,14 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference_kernels():
+    """SLIMFORMER_KERNELS=reference for a module: plain-PyTorch op references, no Triton (the
+    cpu-* targets never need Triton; their int8 act modes run references everywhere)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLIMFORMER_KERNELS", "reference")
+        yield

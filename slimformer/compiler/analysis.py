@@ -21,8 +21,11 @@ _PASSTHROUGH = {
     aten.permute.default, aten.contiguous.default, aten.clone.default, aten.unflatten.int,
     aten.flatten.using_ints, aten.mul.Tensor, aten.div.Tensor, aten.expand.default,
     aten.unsqueeze.default, aten.squeeze.dim, aten.to.dtype, aten._to_copy.default,
-    aten.slice.Tensor, aten.contiguous.default, aten.dropout.default,
+    aten.slice.Tensor, aten.dropout.default, aten.alias.default,
 }
+# The elementwise ops of a rotary position embedding: q * cos + cat(-q2, q1) * sin.
+_ROTARY = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.cat.default}
+_MATMULS = {aten.matmul.default, aten.bmm.default}
 
 
 def module_path(node: Node) -> str:
@@ -123,14 +126,36 @@ def find_attention(gm: GraphModule) -> list[AttentionSite]:
 
 
 def _producer_linear(node: Node, by_node: dict[Node, LinearSite], depth: int = 12) -> LinearSite | None:
-    """Walk up through reshapes/transposes/scalings to the linear that made `node`."""
+    """Walk up through reshapes/transposes/scalings to the linear that made `node`; failing
+    that, through a rotary embedding (`q * cos + rotate_half(q) * sin`) to the one linear it
+    rotates."""
+    start = node
     for _ in range(depth):
         if node in by_node:
             return by_node[node]
         if not isinstance(node, Node) or node.op != "call_function" or node.target not in _PASSTHROUGH:
-            return None
+            break
         node = node.args[0]
-    return None
+    return _through_rotary(start, by_node)
+
+
+def _through_rotary(node: Node, by_node: dict[Node, LinearSite], max_nodes: int = 48) -> LinearSite | None:
+    """Breadth-first up through data movement and the elementwise ops of RoPE; the linear
+    reached, if exactly one is (cos/sin tables come from positions, not from a linear)."""
+    found, seen, queue = {}, set(), [node]
+    while queue and len(seen) < max_nodes:
+        n = queue.pop(0)
+        if not isinstance(n, Node) or n in seen:
+            continue
+        seen.add(n)
+        if n in by_node:
+            found[n] = by_node[n]
+            continue
+        if n.op != "call_function" or n.target not in _PASSTHROUGH | _ROTARY:
+            continue
+        for a in n.args:
+            queue.extend(a if isinstance(a, (list, tuple)) else [a])
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def _consumer_linear(node: Node, by_x: dict[Node, LinearSite], depth: int = 8) -> LinearSite | None:
@@ -157,30 +182,103 @@ def _find_attention(gm: GraphModule) -> list[AttentionSite]:
             continue
         if n.target == aten.scaled_dot_product_attention.default:
             q, k, v = n.args[:3]
-            qs, ks = q.meta["val"].shape, k.meta["val"].shape  # (B, H, T, D)
-            sites.append(AttentionSite(
-                n, "sdpa", module_path(n), int(qs[1]), int(ks[1]), int(qs[-1]),
+            qs = q.meta["val"].shape  # (B, H, T, D); k, v: (B, Hkv, S, D), or repeated to H
+            head_dim = int(qs[-1])
+            site = AttentionSite(
+                n, "sdpa", module_path(n), int(qs[1]), 0, head_dim,
                 _producer_linear(q, by_node), _producer_linear(k, by_node),
-                _producer_linear(v, by_node), _consumer_linear(n, by_x)))
+                _producer_linear(v, by_node), _consumer_linear(n, by_x))
         elif n.target == aten._softmax.default or n.target == aten.softmax.int:
-            # explicit form: scores = matmul(q, k^T) [*/ scale, + mask] -> softmax -> matmul(p, v)
-            pv = next((u for u in n.users if u.target in (aten.matmul.default, aten.bmm.default)), None)
-            if pv is None:
-                continue
-            qk = _find_up(n.args[0], {aten.matmul.default, aten.bmm.default})
-            if qk is None:
+            # explicit form: scores = matmul(q, k^T) [*/ scale, + mask] -> softmax [-> dropout,
+            # view] -> matmul(p, v); 4-D (B, H, T, D) operands, or 3-D (B*H, T, D) as DeBERTa
+            pv = _find_down(n, _MATMULS)
+            qk = _find_up(n.args[0], _MATMULS)
+            if pv is None or qk is None:
                 continue
             q, k = qk.args
             v = pv.args[1]
-            qs, ks = q.meta["val"].shape, v.meta["val"].shape
-            if len(qs) != 4:
+            head_dim = int(q.meta["val"].shape[-1])
+            heads = _heads(n, head_dim, score=True) or _heads(q, head_dim)
+            if not heads:
                 continue
-            sites.append(AttentionSite(
-                pv, "matmul_softmax", module_path(pv), int(qs[1]), int(ks[1]), int(qs[-1]),
+            site = AttentionSite(
+                pv, "matmul_softmax", module_path(pv), heads, 0, head_dim,
                 _producer_linear(q, by_node), _producer_linear(k, by_node),
                 _producer_linear(v, by_node), _consumer_linear(pv, by_x),
-                extra={"softmax": n, "qk": qk}))
+                extra={"softmax": n, "qk": qk})
+        else:
+            continue
+        site.num_kv_heads = _kv_heads(site, k, v)
+        if site.q is None and site.k is None and site.v is None:
+            fused = _fused_qkv(q, by_node)
+            if fused is not None:  # GPT-2's c_attn: one linear, split into q, k, v
+                site.extra["fused_qkv"] = fused
+        sites.append(site)
     return sites
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _heads(node: Node, head_dim: int, score: bool = False, depth: int = 12) -> int | None:
+    """Head count from the nearest (B, H, T, D) tensor up a data-movement chain (or the
+    nearest (B, H, T, S) score tensor with `score`). Sequence dims are symbolic, heads static."""
+    best = None
+    for _ in range(depth):
+        shape = _shape(node)
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], int) \
+                and (score or shape[3] == head_dim):
+            best = shape[1] if best is None else min(best, shape[1])
+            if score:
+                return best
+        if not isinstance(node, Node) or node.op != "call_function" or node.target not in _PASSTHROUGH:
+            break
+        node = node.args[0]
+    return best
+
+
+def _kv_heads(site: AttentionSite, k: Node, v: Node) -> int:
+    """Key/value heads: from the k/v projection's width where one was found, else from the
+    smallest head dim on the way up (grouped-query attention repeats k/v to H heads)."""
+    for proj in (site.k, site.v):
+        if proj is not None and proj.out_features % site.head_dim == 0:
+            return proj.out_features // site.head_dim
+    found = [h for h in (_heads(k, site.head_dim), _heads(v, site.head_dim)) if h]
+    return min(found) if found else site.num_heads
+
+
+def _fused_qkv(q: Node, by_node: dict[Node, LinearSite], depth: int = 12) -> LinearSite | None:
+    """q read from one chunk of a fused projection: getitem(split(linear)) through reshapes."""
+    import operator
+
+    for _ in range(depth):
+        if not isinstance(q, Node) or q.op != "call_function":
+            return None
+        if q.target is operator.getitem:
+            split = q.args[0]
+            if isinstance(split, Node) and split.target in (aten.split.Tensor, aten.split_with_sizes.default,
+                                                            aten.chunk.default, aten.unbind.int):
+                return _producer_linear(split.args[0], by_node)
+            return None
+        if q.target not in _PASSTHROUGH:
+            return None
+        q = q.args[0]
+    return None
+
+
+def _find_down(node: Node, targets: set, depth: int = 6) -> Node | None:
+    """The op in `targets` reading `node` as its first operand, through a single-use chain."""
+    for _ in range(depth):
+        hit = next((u for u in node.users if u.target in targets and u.args[0] is node), None)
+        if hit is not None:
+            return hit
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_function" or users[0].target not in _PASSTHROUGH:
+            return None
+        node = users[0]
+    return None
 
 
 def _find_up(node: Node, targets: set, depth: int = 6) -> Node | None:

@@ -140,4 +140,7 @@ def load(directory: str | Path) -> CompiledModel:
     if meta.get("runtime") == "onnxruntime":
         return OnnxCompiledModel(meta["target"], meta["inputs"], outputs, report,
                                  (d / meta["model"]).read_bytes())
+    if meta.get("runtime") == "torch":  # GPU targets: safetensors + torch.export graph
+        from slimformer.compiler.compiled_torch import load_torch
+        return load_torch(d, meta, report, outputs)
     raise SlimformerError(f"{d}: unknown runtime {meta.get('runtime')!r}", "upgrade slimformer")

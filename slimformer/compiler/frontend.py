@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
+import linecache
+import logging
 import re
+import sys
 
 import torch
 
@@ -67,13 +71,16 @@ def trace_examples(example_inputs: dict) -> dict:
 
 
 def check_inputs(model: torch.nn.Module, example_inputs: dict) -> None:
+    """Every example input must be a named argument of forward: one that only a `**kwargs`
+    would swallow (HF models take `**kwargs`) is a typo, and could not get dynamic dims anyway."""
     params = inspect.signature(model.forward).parameters
-    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in example_inputs if k not in params and not takes_kwargs]
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in example_inputs if k not in named]
     if unknown:
         raise SlimformerError(
             f"example input(s) {unknown} are not arguments of {type(model).__name__}.forward",
-            f"use the forward's argument names: {[p for p in params if p != 'kwargs']}",
+            f"use the forward's argument names: {named}" if named else
+            "the forward must name its inputs (def forward(self, input_ids, attention_mask))",
         )
 
 
@@ -112,10 +119,11 @@ def export(model: torch.nn.Module, example_inputs: dict) -> torch.fx.GraphModule
     except Exception as e:  # translate torch.export's long messages into a named construct
         text = f"{type(e).__name__}: {e}"
         first = text.strip().splitlines()[0][:300]
+        where = _user_frame(text)
         for pattern, what, fix in _EXPORT_HINTS:
             if re.search(pattern, text):
-                raise SlimformerError(f"cannot trace {type(model).__name__}: {what} ({first})", fix) from e
-        raise SlimformerError(f"cannot trace {type(model).__name__}: {first}",
+                raise SlimformerError(f"cannot trace {type(model).__name__}: {what}{where} ({first})", fix) from e
+        raise SlimformerError(f"cannot trace {type(model).__name__}{where}: {first}",
                               "the model must be traceable by torch.export.export(strict=False)") from e
     gm = ep.module()
     gm.meta["example_inputs"] = examples
@@ -123,8 +131,43 @@ def export(model: torch.nn.Module, example_inputs: dict) -> torch.fx.GraphModule
     return gm
 
 
+def _user_frame(text: str) -> str:
+    """' at file.py:12 in forward: `if x.sum() > 0:`' from the frame torch.export names (the
+    last one under 'The following call raised this error'), or '' where it names none."""
+    _, _, tail = text.partition("The following call raised this error")
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', tail)
+    if not frames:
+        return ""
+    path, line, fn = frames[-1]
+    code = linecache.getline(path, int(line)).strip()
+    name = path.rsplit("/", 1)[-1]
+    return f" at {name}:{line} in {fn}" + (f": `{code}`" if code else "")
+
+
+# torch logs a warning with a whole graph dump for a data-dependent guard; the error says it all.
+_QUIET_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export prints the partial graph of a failed trace to stderr (and logs it): on
+    failure that is dropped, the SlimformerError says what failed; on success stderr is replayed."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+        sys.stderr.write(buf.getvalue())
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _export(model, examples: dict, max_seq: int) -> torch.export.ExportedProgram:
-    with _no_cache(model), torch.no_grad():
+    with _no_cache(model), torch.no_grad(), _quiet_torch_logs():
         return torch.export.export(
             model, (), kwargs=examples, dynamic_shapes=dynamic_shapes_for(examples, max_seq), strict=False
         )

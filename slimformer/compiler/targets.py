@@ -43,4 +43,7 @@ def target_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    from slimformer.compiler import cpu_targets  # noqa: F401  (registers on import)
+    from slimformer.compiler import (
+        cpu_targets,  # noqa: F401  (registers on import)
+        cuda_targets,  # noqa: F401  (cuda-*, cpu-int4)
+    )

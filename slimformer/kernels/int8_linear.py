@@ -283,7 +283,13 @@ def int8_linear(
 # Smallest M at which int8_linear beat cuBLAS fp16, by (N, K), as measured by
 # `bench/kernels.py` (it prints a table to paste here). TO BE FILLED FROM MEASUREMENTS on
 # the target GPU; until then `prefer_int8` uses the rule below.
-INT8_MIN_M: dict[tuple[int, int], int] = {}
+# Measured by bench/gpu.sh on an NVIDIA H200 (triton 3.6, torch 2.11), 2026-11-27: at BERT-base
+# shapes the per-token quantization launch plus the GEMM never beat cuBLAS fp16 (bench/results/).
+NEVER = 1 << 30
+INT8_MIN_M: dict[tuple[int, int], int] = {
+    (768, 768): NEVER, (3072, 768): NEVER, (768, 3072): NEVER,
+    (4096, 4096): 2048, (11008, 4096): 2048, (4096, 11008): 2048,
+}
 
 
 def prefer_int8(M: int, N: int, K: int) -> bool:

@@ -1,0 +1,216 @@
+"""End-to-end GPU benchmark: BERT-base (random weights) at batch 32 x seq 128, one GPU, one run.
+
+    python bench/e2e_gpu.py                  # on a CUDA machine: writes bench/results/
+    python bench/e2e_gpu.py --out DIR
+    python bench/e2e_gpu.py --dry-run        # no GPU: a tiny BERT on CPU tensors, the Triton
+                                             # kernels under TRITON_INTERPRET=1 (checks the code path)
+
+Rows: torch fp16 eager (`model.half()`, the reference), slimformer cuda-fp16 (the same graph
+run from torch.export), cuda-int8 (SmoothQuant + GPTQ W8A8, Triton), cuda-int4 (GPTQ W4A16,
+block 32, Triton). Each: median latency (triton.testing.do_bench, L2 flushed), speedup vs
+cuda-fp16, cosine of last_hidden_state vs torch fp32 on the GPU (per sample: min and mean),
+compile seconds. Compilation (calibration, GPTQ) runs on the CPU in float32 with the
+reference kernels, as `slimformer convert` would; the compiled model moves itself to the GPU
+(float16) on its first call there. Calibration: a few random-token batches.
+Writes e2e_gpu_<gpu-slug>.json and prints a table. Stays within ~3 minutes on an H100 host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `slimformer` and `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = ("cuda-fp16", "cuda-int8", "cuda-int4")
+BUDGET_S = 170.0  # stop starting new systems after this; gpu.sh's timeout is the hard stop
+
+
+def build_model(dry_run: bool) -> torch.nn.Module:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    if dry_run:
+        cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=64)
+    else:
+        cfg = BertConfig()  # BERT-base: 12 layers, hidden 768, 12 heads, FFN 3072, vocab 30522
+    return BertModel(cfg).eval()
+
+
+def random_batch(model, batch: int, seq: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000 if model.config.vocab_size > 2000 else 5, model.config.vocab_size,
+                        (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def bench_ms(fn, device: torch.device) -> float:
+    """Median ms of a whole forward, Python dispatch included (what a caller waits for)."""
+    if device.type != "cuda":  # dry run: one timed call, the number means nothing
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton
+
+    ms = triton.testing.do_bench(fn, warmup=50, rep=400, quantiles=[0.5])
+    return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
+
+
+@contextlib.contextmanager
+def reference_ops():
+    """Compilation runs on CPU tensors: the GPU machine has no TRITON_INTERPRET, so the ops run
+    their plain-PyTorch references there; the dry run does the same (the interpreter is slow)."""
+    old = os.environ.get("SLIMFORMER_KERNELS")
+    os.environ["SLIMFORMER_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SLIMFORMER_KERNELS")
+        else:
+            os.environ["SLIMFORMER_KERNELS"] = old
+
+
+def cosines(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """Per-sample cosine of the flattened (seq, hidden) outputs: (min, mean)."""
+    a, b = out.float().flatten(1), ref.float().flatten(1)
+    c = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    return c.min().item(), c.mean().item()
+
+
+def first(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | None = None,
+        seq: int | None = None, calib_batches: int = 4, budget_s: float = BUDGET_S) -> dict:
+    t0 = time.time()
+    if dry_run:  # must precede the first kernel import
+        os.environ["TRITON_INTERPRET"] = "1"
+        device, name = torch.device("cpu"), "cpu-dry-run"
+        batch, seq, calib_batch = batch or 2, seq or 16, 2
+    else:
+        if not torch.cuda.is_available():
+            raise RuntimeError("bench/e2e_gpu.py needs a CUDA GPU (or --dry-run)")
+        device, name = torch.device("cuda"), torch.cuda.get_device_name()
+        batch, seq, calib_batch = batch or 32, seq or 128, 8
+    import slimformer
+    from bench.kernels import slug
+
+    model = build_model(dry_run)
+    x_cpu = random_batch(model, batch, seq, seed=0)
+    x = {k: v.to(device) for k, v in x_cpu.items()}
+    calib = [random_batch(model, calib_batch, seq, seed=1 + i) for i in range(calib_batches)]
+    with torch.no_grad():  # the fp32 reference on the benchmark's own device
+        ref = first(copy.deepcopy(model).to(device)(**x)).float()
+    rows = []
+
+    def measure(row: dict, fn) -> None:
+        with torch.no_grad():
+            out = first(fn())  # first call: moves weights, autotunes the Triton kernels
+            row["cos_min"], row["cos_mean"] = cosines(out, ref)
+            row["out_dtype"] = str(out.dtype).replace("torch.", "")
+            row["ms"] = bench_ms(fn, device)
+
+    eager = copy.deepcopy(model).to(device)
+    if device.type == "cuda":
+        eager = eager.half()
+    row = {"name": "torch-fp16-eager" if device.type == "cuda" else "torch-fp32-eager (dry run)"}
+    try:
+        measure(row, lambda m=eager: m(**x))
+    except Exception as e:  # a failing row must not lose the others
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    rows.append(row)
+    del eager
+
+    for target in TARGETS:
+        row = {"name": target}
+        rows.append(row)
+        if time.time() - t0 > budget_s:
+            row["error"] = f"skipped: over the {budget_s:.0f} s budget"
+            continue
+        try:
+            t = time.time()
+            with reference_ops():
+                compiled = slimformer.compile(model, target, calib[0], calib)
+            row["compile_s"] = round(time.time() - t, 1)
+            row["fidelity_cpu"] = compiled.report.final_fidelity
+            measure(row, lambda c=compiled: c(**x))
+            row["size_mb"] = round(compiled.report.size_after_mb or 0.0, 1)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"[{time.time() - t0:6.1f}s] {target}: "
+              + (row.get("error") or f"{row['ms']:.3f} ms, cos min {row['cos_min']:.5f}"), flush=True)
+
+    base = next((r.get("ms") for r in rows if r["name"] == "cuda-fp16"), None)
+    for r in rows:
+        if r.get("ms") and base:
+            r["speedup_vs_cuda_fp16"] = base / r["ms"]
+    result = {
+        "device": name, "torch": torch.__version__, "triton": _version("triton"),
+        "transformers": _version("transformers"), "model": "BertModel(BertConfig())" if not dry_run
+        else "tiny BERT (dry run)", "batch": batch, "seq": seq,
+        "calibration": f"{calib_batches} random-token batches of {calib_batch} x {seq}",
+        "timing": "triton.testing.do_bench median" if device.type == "cuda" else "one call (dry run)",
+        "rows": rows, "wall_s": None,
+    }
+    print_table(result)
+    if out_dir is None:
+        out_dir = tempfile.mkdtemp(prefix="slimformer-e2e-") if dry_run else "bench/results"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e2e_gpu_{slug(name)}.json"
+    result["wall_s"] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path} in {result['wall_s']} s")
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"\nBERT-base e2e on {result['device']}, batch {result['batch']} x seq {result['seq']}")
+    print(f"{'system':<28} {'ms':>9} {'vs fp16':>8} {'cos min':>9} {'cos mean':>9} {'compile s':>9}")
+    for r in result["rows"]:
+        line = (f"{r['name']:<28} {_cell(r, 'ms', '9.3f')} {_cell(r, 'speedup_vs_cuda_fp16', '8.2f')} "
+                f"{_cell(r, 'cos_min', '9.5f')} {_cell(r, 'cos_mean', '9.5f')} {_cell(r, 'compile_s', '9.1f')}")
+        print(line + (f"  ERROR {r['error']}" if r.get("error") else ""))
+
+
+def _cell(row: dict, key: str, spec: str) -> str:
+    v = row.get(key)
+    return format(v, spec) if isinstance(v, (int, float)) else "-".rjust(int(spec.split(".")[0]))
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except ImportError:
+        return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None, help="output folder (default bench/results; a temp "
+                   "folder for --dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="no GPU: tiny BERT, CPU interpreter")
+    p.add_argument("--batch", type=int, default=None, help="default 32 (2 for --dry-run)")
+    p.add_argument("--seq", type=int, default=None, help="default 128 (16 for --dry-run)")
+    p.add_argument("--calib-batches", type=int, default=4)
+    p.add_argument("--budget-s", type=float, default=BUDGET_S)
+    a = p.parse_args(argv)
+    result = run(a.out, a.dry_run, a.batch, a.seq, a.calib_batches, a.budget_s)
+    return 1 if any(r.get("error") for r in result["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

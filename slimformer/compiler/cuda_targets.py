@@ -1,0 +1,85 @@
+"""cuda-fp16, cuda-int8, cuda-int4 (PyTorch + Triton) and cpu-int4 (ONNX Runtime MatMulNBits).
+
+The CUDA targets lower to a TorchCompiledModel: the compressed graph, run by PyTorch in
+float16 on the inputs' GPU (float32 on CPU tensors, where the Triton kernels run under
+TRITON_INTERPRET=1), saved as a torch.export program. cpu-int4 lowers to ONNX like cpu-int8,
+each int4 linear becoming one com.microsoft MatMulNBits node on the same packed bytes.
+
+Options (keyword arguments of `slimformer.compile`):
+  gptq (bool, int8), sensitivity (bool, int8), smooth_alpha (float | None, int8)
+  int4_method ("gptq" | "awq" | "rtn"), block_size (32, 64, 128, 256),
+  int4_act_order (bool, GPTQ)                                                 int4 targets
+  embeddings ("int8" | "int4" | "float")                                      cpu-int4 only
+  accuracy_level (0 | 4): MatMulNBits' compute: 0 fp32, 4 int8 activations   cpu-int4 only
+"""
+
+from __future__ import annotations
+
+from slimformer.compiler.compiled_torch import TorchCompiledModel
+from slimformer.compiler.cpu_targets import lower_to_onnx
+from slimformer.compiler.targets import Target, register_target
+from slimformer.errors import SlimformerError
+from slimformer.kernels.naive import ACT_PER_TOKEN_I8
+from slimformer.passes.quantize import QMAX_FULL, QuantizeInt8
+from slimformer.passes.quantize_embeddings import QuantizeEmbeddings
+from slimformer.passes.quantize_int4 import QuantizeEmbeddingsInt4, QuantizeInt4
+from slimformer.passes.smooth import Smooth
+
+# MatMulNBits accuracy_level for cpu-int4, measured on the dev machine (AMD EPYC, AVX2 without
+# VNNI, 2 threads, onnxruntime 1.32): level 4 (activations quantized to int8 per block, integer
+# dots) was no faster than level 0 (weights dequantized, fp32 GEMM) -- MiniLM-L6 batch 8 x 128:
+# 1064 vs 1066 ms, and single (1024 x 384 x 1536) MatMulNBits nodes: 7.5 ms (level 0) vs 8.3 ms
+# (level 4) -- and cost fidelity (min cos 0.9804 -> 0.9795). CPUs with VNNI may prefer 4.
+DEFAULT_ACCURACY_LEVEL = 0
+
+
+def lower_to_torch(target_name: str):
+    def lower(gm, ctx, outputs, options):
+        return TorchCompiledModel(target_name, list(gm.meta["example_inputs"]), outputs, ctx.report,
+                                  graph_module=gm)
+    return lower
+
+
+def cuda_int8_pipeline(options: dict):
+    return [
+        Smooth(alpha=options.get("smooth_alpha"), act_mode=ACT_PER_TOKEN_I8, qmax=QMAX_FULL),
+        QuantizeInt8(act_mode=ACT_PER_TOKEN_I8, qmax=QMAX_FULL, gptq=options.get("gptq", True),
+                     sensitivity=options.get("sensitivity", True)),
+    ]
+
+
+def _int4(options: dict) -> QuantizeInt4:
+    return QuantizeInt4(method=options.get("int4_method", "gptq"), block_size=options.get("block_size", 32),
+                        act_order=options.get("int4_act_order", True))
+
+
+def cpu_int4_pipeline(options: dict):
+    emb = options.get("embeddings", "int8")
+    if emb not in ("int8", "int4", "float"):
+        raise SlimformerError(f"embeddings='{emb}' is not an option", "use int8, int4 or float")
+    passes = [_int4(options)]
+    if emb == "int4":  # the word embedding as int4 rows; smaller tables (positions) as int8
+        passes.append(QuantizeEmbeddingsInt4())
+    if emb != "float":
+        passes.append(QuantizeEmbeddings())
+    return passes
+
+
+def lower_cpu_int4(gm, ctx, outputs, options):
+    level = options.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)
+    if level not in (0, 1, 2, 3, 4):
+        raise SlimformerError(f"accuracy_level={level} is not a MatMulNBits level", "use 0 (fp32) or 4 (int8)")
+    gm.meta["matmulnbits_accuracy_level"] = level  # read by lower_onnx.prepare_for_onnx
+    return lower_to_onnx("cpu-int4")(gm, ctx, outputs, options)
+
+
+register_target(Target("cuda-fp16", "cuda", "float16 PyTorch graph (the GPU baseline)",
+                       lambda o: [], lower_to_torch("cuda-fp16")))
+register_target(Target("cuda-int8", "cuda",
+                       "int8 weights (GPTQ, SmoothQuant), per-token int8 activations, Triton W8A8 kernel",
+                       cuda_int8_pipeline, lower_to_torch("cuda-int8")))
+register_target(Target("cuda-int4", "cuda", "int4 weights (GPTQ, block 32), fp16 activations, Triton W4A16 kernel",
+                       lambda o: [_int4(o)], lower_to_torch("cuda-int4")))
+register_target(Target("cpu-int4", "cpu",
+                       "int4 weights (GPTQ, block 32) as ONNX Runtime MatMulNBits, int8 embeddings",
+                       cpu_int4_pipeline, lower_cpu_int4))

@@ -1,0 +1,292 @@
+"""INT4 weight-only quantization of every linear (W4A16), in ONNX Runtime's MatMulNBits layout.
+
+Each linear becomes `slimformer::int4_linear` (Triton on the GPU, MatMulNBits on the CPU) with
+its weight packed once by `kernels/packing.pack_int4_matmulnbits`: asymmetric 4-bit codes in
+blocks of `block_size` input columns, one float32 scale and one 4-bit zero point per block.
+Activations stay in float, so no SmoothQuant is needed; the quantizer is one of
+  - "gptq" (default): error feedback through the inverse Hessian of the layer's calibration inputs;
+  - "awq": per-input-channel scales s searched on calibration activations. The layer then
+    computes (x / s) @ (W s).T: the 1/s is folded into the LayerNorm / RMSNorm making x when
+    nothing else reads that output, otherwise it becomes one multiply in front of the group.
+    Linears reading the same x (q/k/v) share s: their weights are searched concatenated;
+  - "rtn": round to nearest, the baseline.
+The math lives in int4_algorithms.py; this pass only collects activations and edits the graph.
+
+`QuantizeEmbeddingsInt4` stores embedding tables with per-row int4 codes (an option: the word
+embedding is half of a small encoder's bytes, but int4 rows cost more fidelity than int8 rows).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from slimformer.compiler import analysis
+from slimformer.compiler.analysis import get_attr_tensor, module_path
+from slimformer.compiler.graph_utils import (
+    add_constant,
+    capture,
+    remove_unused_attrs,
+    replace_node,
+    set_attr_tensor,
+)
+from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
+from slimformer.errors import SlimformerError
+from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimformer.*)
+from slimformer.kernels.packing import pack_int4_matmulnbits, quantize_rows_int4
+from slimformer.passes.int4_algorithms import (
+    HessianAccumulator,
+    Int4Weight,
+    quantize_awq,
+    quantize_gptq,
+    quantize_rtn,
+)
+
+aten = torch.ops.aten
+METHODS = ("gptq", "awq", "rtn")
+BLOCK_SIZES = (32, 64, 128, 256)  # what both the Triton kernel and MatMulNBits take
+
+
+@register_pass
+@dataclass
+class QuantizeInt4(Pass):
+    """Options: method (gptq | awq | rtn), block_size, exclude (module path substrings)."""
+
+    name = "quantize_int4"
+    method: str = "gptq"
+    block_size: int = 32
+    symmetric: bool = False
+    damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
+    # GPTQ: columns by decreasing Hessian diagonal, block parameters fixed up front ("static
+    # groups": the packed layout is unchanged). MiniLM-L6, block 32: min cos 0.972 -> 0.981.
+    act_order: bool = True
+    # GPTQ: groups (linears sharing an input) in graph order, each calibrated on the graph with
+    # the earlier groups already int4, so later layers see and correct the error upstream.
+    sequential: bool = True
+    awq_tokens: int = 2048  # AWQ: calibration tokens the scale search sees, per group
+    exclude: list[str] = field(default_factory=list)
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        if self.method not in METHODS:
+            raise SlimformerError(f"unknown int4 method '{self.method}'", f"use one of {', '.join(METHODS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise SlimformerError(f"int4 block_size {self.block_size} is not supported",
+                                  f"use one of {', '.join(map(str, BLOCK_SIZES))}")
+        sites = [s for s in analysis.find_linears(gm) if not any(e in s.path for e in self.exclude)]
+        if not sites:
+            return PassResult(gm, False, "no linear layers found")
+        folds: dict[str, str] = {}
+        if self.method == "gptq" and self.sequential:
+            self._gptq_sequential(gm, ctx, sites)  # swaps as it goes
+        else:
+            if self.method == "gptq":
+                weights = self._gptq(gm, ctx, sites)
+            elif self.method == "awq":
+                weights, folds = self._awq(gm, ctx, sites)
+            else:
+                weights = [quantize_rtn(s.weight(gm), self.block_size, self.symmetric) for s in sites]
+            for site, w in zip(sites, weights):
+                self._swap(gm, site, w)
+        remove_unused_attrs(gm)
+        if ctx.report is not None:
+            ctx.report.float_layers.update({f"{e}*": "excluded by option" for e in self.exclude})
+        details = {"method": self.method, "block_size": self.block_size}
+        if folds:
+            details["awq_scales"] = folds
+        return PassResult(gm, True, f"{len(sites)} linears -> int4 ({self.method}, block {self.block_size})",
+                          details)
+
+    def _swap(self, gm: GraphModule, site: analysis.LinearSite, w: Int4Weight) -> Node:
+        qweight, scales, zp = pack_int4_matmulnbits(w.q, w.scales, None if self.symmetric else w.zero_points,
+                                                    self.block_size)
+        k = site.in_features
+        qn = add_constant(gm, f"{site.path}.w_int4", qweight, site.node)  # (N, nb, bs / 2) uint8
+        sn = add_constant(gm, f"{site.path}.w_scales", scales.float(), site.node)  # (N, nb)
+        zn = add_constant(gm, f"{site.path}.w_zp", zp, site.node) if zp is not None else None
+        return replace_node(gm, site.node, torch.ops.slimformer.int4_linear.default,
+                            (site.x, qn, sn, zn, site.bias_node, k, self.block_size))
+
+    def _gptq_sequential(self, gm, ctx, sites) -> None:
+        order = _order(gm)
+        groups: dict[Node, list[analysis.LinearSite]] = defaultdict(list)
+        for s in sorted(sites, key=lambda s: order(s.node)):
+            groups[s.x].append(s)
+        moved: dict[Node, Node] = {}  # swapped linear -> its int4 node (an input of a later group)
+        task = _task(ctx, "GPTQ int4", len(sites))
+        for x, members in groups.items():
+            while x in moved:
+                x = moved[x]
+            h = HessianAccumulator()
+            capture(gm, [x], ctx.calibration, lambda n, t, i, h=h: h.add(real_tokens(t, ctx.calibration[i])))
+            hessian = h.hessian()
+            for s in members:
+                s.x = x
+                w = quantize_gptq(s.weight(gm), hessian, self.block_size, damp=self.damp,
+                                  act_order=self.act_order, symmetric=self.symmetric)
+                moved[s.node] = self._swap(gm, s, w)
+                _advance(ctx, task)
+            gm.recompile()
+
+    def _gptq(self, gm, ctx, sites) -> list[Int4Weight]:
+        hessians = {x: HessianAccumulator() for x in {s.x for s in sites}}
+        capture(gm, list(hessians), ctx.calibration,
+                lambda n, t, i: hessians[n].add(real_tokens(t, ctx.calibration[i])))
+        task = _task(ctx, "GPTQ int4", len(sites))
+        out = []
+        for s in sites:
+            out.append(quantize_gptq(s.weight(gm), hessians[s.x].hessian(), self.block_size,
+                                     damp=self.damp, act_order=self.act_order, symmetric=self.symmetric))
+            _advance(ctx, task)
+        return out
+
+    def _awq(self, gm, ctx, sites) -> tuple[list[Int4Weight], dict[str, str]]:
+        groups: dict[Node, list[analysis.LinearSite]] = defaultdict(list)
+        for s in sites:
+            groups[s.x].append(s)
+        acts = _collect_tokens(gm, ctx, list(groups), self.awq_tokens)
+        task = _task(ctx, "AWQ int4", len(groups))
+        by_site: dict[Node, Int4Weight] = {}
+        folds = {}
+        for x, members in groups.items():
+            ws = [m.weight(gm).float() for m in members]  # [(N_i, K)]
+            q, s = quantize_awq(torch.cat(ws), acts[x], self.block_size, symmetric=self.symmetric)
+            for m, part in zip(members, q.split([w.shape[0] for w in ws])):
+                by_site[m.node] = part
+            folds[", ".join(m.path for m in members)] = _fold_inverse_scale(gm, x, members, s)
+            _advance(ctx, task)
+        return [by_site[s.node] for s in sites], folds
+
+
+def real_tokens(t: torch.Tensor, batch: dict) -> torch.Tensor:
+    """(B, T, ..., K) activations -> (tokens, K) float32 without the padded positions: padding
+    rows are computed but never used, and would steer the quantizer towards them."""
+    t = t.detach().float()
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and t.dim() == 3 and t.shape[:2] == mask.shape:
+        return t[mask.bool()]  # (tokens, K)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _collect_tokens(gm, ctx, xs: list[Node], max_tokens: int) -> dict[Node, torch.Tensor]:
+    """Per input node: its first `max_tokens` calibration tokens, (T, K) float32."""
+    kept: dict[Node, list[torch.Tensor]] = defaultdict(list)
+    count: dict[Node, int] = defaultdict(int)
+
+    def record(n, t, i):
+        if count[n] < max_tokens:
+            t = real_tokens(t, ctx.calibration[i])[: max_tokens - count[n]]
+            kept[n].append(t)
+            count[n] += t.shape[0]
+
+    capture(gm, xs, ctx.calibration, record)
+    return {n: torch.cat(v) for n, v in kept.items()}
+
+
+def _fold_inverse_scale(gm: GraphModule, x: Node, members, s: torch.Tensor) -> str:
+    """Makes the group read x / s: folded into the norm that makes x when only the group reads
+    it (free), else an elementwise multiply. Returns where it went."""
+    if set(x.users) <= {m.node for m in members}:
+        where = _fold_into_norm(gm, x, s)
+        if where:
+            return f"folded into the {where} weight"
+    first = min((m.node for m in members), key=_order(gm))
+    inv = add_constant(gm, f"{members[0].path}.awq_inv", (1.0 / s).to(x.meta["val"].dtype), first)
+    with gm.graph.inserting_before(first):
+        scaled = gm.graph.call_function(aten.mul.Tensor, (x, inv))
+    scaled.meta["val"] = x.meta["val"]
+    for m in members:
+        m.node.replace_input_with(x, scaled)
+        m.x = scaled
+    return "multiply"
+
+
+def _fold_into_norm(gm: GraphModule, x: Node, s: torch.Tensor) -> str | None:
+    """LayerNorm (weight and bias) or RMSNorm's final `weight * h`: divide its affine by s."""
+    if x.op != "call_function":
+        return None
+    if x.target == aten.layer_norm.default and len(x.args) >= 4:
+        w, b = get_attr_tensor(gm, x.args[2]), get_attr_tensor(gm, x.args[3])
+        if w is None or b is None or w.shape != s.shape or _shared(gm, x.args[2], x.args[3]):
+            return None
+        set_attr_tensor(gm, x.args[2].target, (w / s).to(w.dtype))
+        set_attr_tensor(gm, x.args[3].target, (b / s).to(b.dtype))
+        return "LayerNorm"
+    if x.target == aten.mul.Tensor:
+        for i in (0, 1):
+            w = get_attr_tensor(gm, x.args[i])
+            if w is not None and w.dim() == 1 and w.shape == s.shape and not _shared(gm, x.args[i]):
+                set_attr_tensor(gm, x.args[i].target, (w / s).to(w.dtype))
+                return "RMSNorm-style"
+    return None
+
+
+def _shared(gm: GraphModule, *attrs: Node) -> bool:
+    """Is any of these tensors read by another node too (tied norms)?"""
+    targets = {a.target for a in attrs}
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target in targets]
+    return any(len(r.users) > 1 for r in readers) or len(readers) > len(targets)
+
+
+def _order(gm: GraphModule):
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return lambda n: index[n]
+
+
+def _task(ctx: CompileContext, what: str, total: int):
+    return ctx.progress.add_task(what, total=total) if ctx.progress is not None else None
+
+
+def _advance(ctx: CompileContext, task) -> None:
+    if task is not None:
+        ctx.progress.advance(task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+
+def int4_embedding(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                   zero_points: torch.Tensor, dim: int) -> torch.Tensor:
+    """Gather packed int4 rows and their parameters; (...) ids -> (..., dim) float32, as
+    packing.dequantize_rows_int4. The nibbles are split with integer division in int32, not
+    with uint8 bit shifts, which the ONNX exporter mistypes (uint8 >> 4 comes out int8)."""
+    rows = torch.nn.functional.embedding(ids, packed).to(torch.int32)  # (..., ceil(dim / 2))
+    hi = torch.div(rows, 16, rounding_mode="floor")
+    lo = rows - hi * 16  # the even columns
+    q = torch.stack((lo, hi), dim=-1).flatten(-2)[..., :dim].float()  # (..., dim)
+    s = torch.nn.functional.embedding(ids, scales[:, None])  # (..., 1)
+    zp = torch.nn.functional.embedding(ids, zero_points[:, None]).float()
+    return (q - zp) * s
+
+
+@register_pass
+@dataclass
+class QuantizeEmbeddingsInt4(Pass):
+    """Embedding tables with >= min_rows rows -> per-row asymmetric int4 (one scale and zero
+    point a row). Not in any default pipeline: see the module docstring."""
+
+    name = "quantize_embeddings_int4"
+    min_rows: int = 1024  # position tables stay as they are (QuantizeEmbeddings may take them)
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        done = {}
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target != aten.embedding.default:
+                continue
+            table = get_attr_tensor(gm, node.args[0])
+            if table is None or table.shape[0] < self.min_rows or not table.is_floating_point():
+                continue
+            packed, scales, zp = quantize_rows_int4(table)  # (V, ceil(D/2)), (V,), (V,)
+            name = node.args[0].target
+            args = (node.args[1], add_constant(gm, f"{name}_int4", packed, node),
+                    add_constant(gm, f"{name}_scale", scales, node),
+                    add_constant(gm, f"{name}_zp", zp, node), int(table.shape[1]))
+            replace_node(gm, node, int4_embedding, args)
+            done[module_path(node)] = list(table.shape)
+        if not done:
+            return PassResult(gm, False, "no embedding tables")
+        remove_unused_attrs(gm)
+        return PassResult(gm, True, f"{len(done)} embedding tables -> int4 per row", {"tables": done})
