@@ -80,16 +80,15 @@ class QuantizeInt4(Pass):
             return PassResult(gm, False, "no linear layers found")
         folds: dict[str, str] = {}
         if self.method == "gptq" and self.sequential:
-            self._gptq_sequential(gm, ctx, sites)  # swaps as it goes
+            weights = self._gptq_sequential(gm, ctx, sites)
+        elif self.method == "gptq":
+            weights = self._gptq(gm, ctx, sites)
+        elif self.method == "awq":
+            weights, folds = self._awq(gm, ctx, sites)
         else:
-            if self.method == "gptq":
-                weights = self._gptq(gm, ctx, sites)
-            elif self.method == "awq":
-                weights, folds = self._awq(gm, ctx, sites)
-            else:
-                weights = [quantize_rtn(s.weight(gm), self.block_size, self.symmetric) for s in sites]
-            for site, w in zip(sites, weights):
-                self._swap(gm, site, w)
+            weights = [quantize_rtn(s.weight(gm), self.block_size, self.symmetric) for s in sites]
+        for site, w in zip(sites, weights):
+            self._swap(gm, site, w)
         remove_unused_attrs(gm)
         if ctx.report is not None:
             ctx.report.float_layers.update({f"{e}*": "excluded by option" for e in self.exclude})
@@ -99,48 +98,60 @@ class QuantizeInt4(Pass):
         return PassResult(gm, True, f"{len(sites)} linears -> int4 ({self.method}, block {self.block_size})",
                           details)
 
-    def _swap(self, gm: GraphModule, site: analysis.LinearSite, w: Int4Weight) -> Node:
+    def _swap(self, gm: GraphModule, site: analysis.LinearSite, w: Int4Weight) -> None:
         qweight, scales, zp = pack_int4_matmulnbits(w.q, w.scales, None if self.symmetric else w.zero_points,
                                                     self.block_size)
         k = site.in_features
         qn = add_constant(gm, f"{site.path}.w_int4", qweight, site.node)  # (N, nb, bs / 2) uint8
         sn = add_constant(gm, f"{site.path}.w_scales", scales.float(), site.node)  # (N, nb)
         zn = add_constant(gm, f"{site.path}.w_zp", zp, site.node) if zp is not None else None
-        return replace_node(gm, site.node, torch.ops.slimformer.int4_linear.default,
-                            (site.x, qn, sn, zn, site.bias_node, k, self.block_size))
+        replace_node(gm, site.node, torch.ops.slimformer.int4_linear.default,
+                     (site.x, qn, sn, zn, site.bias_node, k, self.block_size))
 
-    def _gptq_sequential(self, gm, ctx, sites) -> None:
+    def _gptq_sequential(self, gm, ctx, sites) -> list[Int4Weight]:
+        """While calibrating, a quantized linear keeps its float op on the dequantized weight (the
+        int4 op's arithmetic, at float speed); the int4 ops go in afterwards."""
         order = _order(gm)
         groups: dict[Node, list[analysis.LinearSite]] = defaultdict(list)
         for s in sorted(sites, key=lambda s: order(s.node)):
             groups[s.x].append(s)
-        moved: dict[Node, Node] = {}  # swapped linear -> its int4 node (an input of a later group)
+        done: dict[Node, Int4Weight] = {}
         task = _task(ctx, "GPTQ int4", len(sites))
         for x, members in groups.items():
-            while x in moved:
-                x = moved[x]
             h = HessianAccumulator()
             capture(gm, [x], ctx.calibration, lambda n, t, i, h=h: h.add(real_tokens(t, ctx.calibration[i])))
-            hessian = h.hessian()
-            for s in members:
-                s.x = x
-                w = quantize_gptq(s.weight(gm), hessian, self.block_size, damp=self.damp,
-                                  act_order=self.act_order, symmetric=self.symmetric)
-                moved[s.node] = self._swap(gm, s, w)
+            for s, w in zip(members, self._gptq_group(gm, members, h.hessian())):
+                deq = w.dequantize()  # (N, K); addmm / matmul hold the weight as (K, N)
+                fake = add_constant(gm, f"{s.path}.w_int4_dequantized", deq if s.kind == "linear" else deq.t(),
+                                    s.node)
+                s.node.replace_input_with(s.weight_node, fake)
+                done[s.node] = w
                 _advance(ctx, task)
             gm.recompile()
+        return [done[s.node] for s in sites]
 
     def _gptq(self, gm, ctx, sites) -> list[Int4Weight]:
         hessians = {x: HessianAccumulator() for x in {s.x for s in sites}}
         capture(gm, list(hessians), ctx.calibration,
                 lambda n, t, i: hessians[n].add(real_tokens(t, ctx.calibration[i])))
-        task = _task(ctx, "GPTQ int4", len(sites))
-        out = []
+        groups: dict[Node, list[analysis.LinearSite]] = defaultdict(list)
         for s in sites:
-            out.append(quantize_gptq(s.weight(gm), hessians[s.x].hessian(), self.block_size,
-                                     damp=self.damp, act_order=self.act_order, symmetric=self.symmetric))
-            _advance(ctx, task)
-        return out
+            groups[s.x].append(s)
+        task = _task(ctx, "GPTQ int4", len(sites))
+        done: dict[Node, Int4Weight] = {}
+        for x, members in groups.items():
+            done.update((m.node, w) for m, w in zip(members, self._gptq_group(gm, members, hessians[x].hessian())))
+            for _ in members:
+                _advance(ctx, task)
+        return [done[s.node] for s in sites]
+
+    def _gptq_group(self, gm, members, hessian: torch.Tensor) -> list[Int4Weight]:
+        """GPTQ treats output rows independently given H: linears sharing an input (q/k/v) are
+        quantized as one stacked weight, one inverse Hessian for all of them."""
+        ws = [m.weight(gm).float() for m in members]  # [(N_i, K)]
+        q = quantize_gptq(torch.cat(ws), hessian, self.block_size, damp=self.damp,
+                          act_order=self.act_order, symmetric=self.symmetric)
+        return q.split([w.shape[0] for w in ws])
 
     def _awq(self, gm, ctx, sites) -> tuple[list[Int4Weight], dict[str, str]]:
         groups: dict[Node, list[analysis.LinearSite]] = defaultdict(list)
