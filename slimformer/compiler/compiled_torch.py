@@ -1,4 +1,4 @@
-"""GPU targets' CompiledModel: the compressed graph as a torch.export program, run by PyTorch.
+"""GPU targets' CompiledModel: the compressed graph run by PyTorch, saved as a torch.export program.
 
 The graph calls `slimformer::*` ops, which run their Triton kernels on CUDA tensors (and on CPU
 tensors under TRITON_INTERPRET=1). The device follows the inputs: on the first call with
@@ -88,13 +88,14 @@ class TorchCompiledModel(CompiledModel):
         from torch._export.serde.serialize import serialize
 
         ep = self.program
-        params = dict(ep.state_dict)
+        state = dict(ep.state_dict)
+        params = {n for n, _ in ep.named_parameters()}
         consts = {k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
         if len(consts) != len(ep.constants):
             raise SlimformerError("the compiled program holds non-tensor constants",
                                   "this model cannot be saved as a GPU artifact")
         # clone: safetensors refuses tensors that share memory (tied weights)
-        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in {**params, **consts}.items()}
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in {**state, **consts}.items()}
         args, kwargs = ep.example_inputs or ((), {})
         examples = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
         if args or len(examples) != len(kwargs):
@@ -108,8 +109,8 @@ class TorchCompiledModel(CompiledModel):
             artifact = serialize(ep)
         (tmp / GRAPH_FILE).write_bytes(artifact.exported_program)
         return {"model": GRAPH_FILE, "weights": WEIGHTS_FILE, "runtime": "torch",
-                "torch": torch.__version__, "parameters": sorted(params),
-                "buffers": sorted(set(ep.state_dict) - {n for n, _ in ep.named_parameters()}),
+                "torch": torch.__version__, "parameters": sorted(set(state) & params),
+                "buffers": sorted(set(state) - params),
                 "constants": sorted(consts), "examples": list(examples)}
 
 

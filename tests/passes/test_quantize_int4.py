@@ -86,10 +86,19 @@ def test_packed_weight_is_the_gptq_weight():
         assert ((deq - ref).abs() <= 4 * step + 1e-6).float().mean() > 0.99
 
 
-def test_gptq_beats_round_to_nearest():
-    model, calib, _, gptq_gm, _ = quantized("llama_gqa", method="gptq")
+@pytest.mark.parametrize("sequential", [True, False])
+def test_gptq_beats_round_to_nearest(sequential):
+    model, calib, _, gptq_gm, _ = quantized("llama_gqa", method="gptq", sequential=sequential)
     rtn_gm = quantized("llama_gqa", method="rtn")[3]
     assert min_cos(model, gptq_gm, calib) > min_cos(model, rtn_gm, calib)
+
+
+def test_gpt2_conv1d_weights():
+    """GPT-2's Conv1D is addmm with a (K, N) weight: transposed for quantizing and back for the
+    sequential pass's dequantized stand-in."""
+    model, calib, float_gm, gm, _ = quantized("gpt2")
+    assert sum(1 for n in gm.graph.nodes if n.target == INT4_LINEAR) == len(analysis.find_linears(float_gm))
+    assert min_cos(model, gm, calib) > 0.99
 
 
 def test_awq_folds_into_rmsnorm_and_shares_scales():
