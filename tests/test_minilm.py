@@ -50,7 +50,7 @@ def int8_artifact(tmp_path_factory):
     env = {**os.environ, "SLIMFORMER_KERNELS": "reference", "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     proc = subprocess.run([sys.executable, "-m", "slimformer.cli", "convert", minilm_dir(),
                            "--target", "cpu-int8", "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     return out, proc.stdout
