@@ -208,13 +208,15 @@ def print_table(results: list[dict]) -> None:
     Console(width=None if sys.stdout.isatty() else 170).print(table)
 
 
-def markdown(results: list[dict], machine: dict) -> str:
+def markdown(results: list[dict], machine: dict, load: float) -> str:
     head = ["system"] + [h for _, h, _ in COLUMNS]
     lines = [
         f"MiniLM-L6 (all-MiniLM-L6-v2), batch 8 and 1 x seq {SEQ}, {machine['cpu']}, "
         f"{machine['cores']} cores, onnxruntime {machine['onnxruntime']}. "
         f"`vs anchor` = latency / ORT `quantize_dynamic` per-channel int8 (lower is better); "
-        f"cos = mean-pooled embedding vs torch fp32.",
+        f"cos = mean-pooled embedding vs torch fp32."
+        + (f" Measured on a busy machine (load average {load:.1f}): latencies are inflated."
+           if load > 0.5 else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -315,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results, machine))
+    out.with_suffix(".md").write_text(markdown(results, machine, load_start))
 
     print_table(results)
     ref = {r["name"]: r for r in results}
