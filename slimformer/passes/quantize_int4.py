@@ -63,9 +63,6 @@ class QuantizeInt4(Pass):
     # GPTQ: columns by decreasing Hessian diagonal, block parameters fixed up front ("static
     # groups": the packed layout is unchanged). MiniLM-L6, block 32: min cos 0.972 -> 0.981.
     act_order: bool = True
-    # GPTQ: groups (linears sharing an input) in graph order, each calibrated on the graph with
-    # the earlier groups already int4, so later layers see and correct the error upstream.
-    sequential: bool = True
     awq_tokens: int = 2048  # AWQ: calibration tokens the scale search sees, per group
     exclude: list[str] = field(default_factory=list)
 
@@ -79,9 +76,8 @@ class QuantizeInt4(Pass):
         if not sites:
             return PassResult(gm, False, "no linear layers found")
         folds: dict[str, str] = {}
-        if self.method == "gptq" and self.sequential:
-            weights = self._gptq_sequential(gm, ctx, sites)
-        elif self.method == "gptq":
+        if self.method == "gptq":  # (calibrating groups one after the other on the partly
+            # quantized graph, "sequential" GPTQ, gave nothing on MiniLM at 20x the time)
             weights = self._gptq(gm, ctx, sites)
         elif self.method == "awq":
             weights, folds = self._awq(gm, ctx, sites)
@@ -107,28 +103,6 @@ class QuantizeInt4(Pass):
         zn = add_constant(gm, f"{site.path}.w_zp", zp, site.node) if zp is not None else None
         replace_node(gm, site.node, torch.ops.slimformer.int4_linear.default,
                      (site.x, qn, sn, zn, site.bias_node, k, self.block_size))
-
-    def _gptq_sequential(self, gm, ctx, sites) -> list[Int4Weight]:
-        """While calibrating, a quantized linear keeps its float op on the dequantized weight (the
-        int4 op's arithmetic, at float speed); the int4 ops go in afterwards."""
-        order = _order(gm)
-        groups: dict[Node, list[analysis.LinearSite]] = defaultdict(list)
-        for s in sorted(sites, key=lambda s: order(s.node)):
-            groups[s.x].append(s)
-        done: dict[Node, Int4Weight] = {}
-        task = _task(ctx, "GPTQ int4", len(sites))
-        for x, members in groups.items():
-            h = HessianAccumulator()
-            capture(gm, [x], ctx.calibration, lambda n, t, i, h=h: h.add(real_tokens(t, ctx.calibration[i])))
-            for s, w in zip(members, self._gptq_group(gm, members, h.hessian())):
-                deq = w.dequantize()  # (N, K); addmm / matmul hold the weight as (K, N)
-                fake = add_constant(gm, f"{s.path}.w_int4_dequantized", deq if s.kind == "linear" else deq.t(),
-                                    s.node)
-                s.node.replace_input_with(s.weight_node, fake)
-                done[s.node] = w
-                _advance(ctx, task)
-            gm.recompile()
-        return [done[s.node] for s in sites]
 
     def _gptq(self, gm, ctx, sites) -> list[Int4Weight]:
         hessians = {x: HessianAccumulator() for x in {s.x for s in sites}}
@@ -273,6 +247,31 @@ def int4_embedding(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     return (q - zp) * s
 
 
+def quantize_rows_int4_clipped(table: torch.Tensor, grid: int = 20, max_shrink: float = 0.5):
+    """packing.quantize_rows_int4 with each row's range shrunk by the factor in {1, 1 - 1/grid,
+    .., 1 - max_shrink} that minimises the row's squared error: clipping a few large values
+    buys a finer step for all the others (MiniLM's word embedding: mean relative row error
+    11.5% -> 10.4%). Returns packed (V, ceil(D / 2)) uint8, scales (V,) fp32, zp (V,) uint8."""
+    t = table.detach().float()  # (V, D)
+    lo0, hi0 = t.amin(1).clamp(max=0.0), t.amax(1).clamp(min=0.0)  # (V,)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_q = torch.zeros(t.shape, dtype=torch.uint8)
+    best_s, best_zp = torch.ones_like(lo0), torch.zeros_like(lo0)
+    for i in range(int(grid * max_shrink) + 1):
+        f = 1.0 - i / grid
+        scale = ((hi0 - lo0) * f / 15.0).clamp(min=1e-12)  # (V,)
+        zp = torch.clamp(torch.round(-lo0 * f / scale), 0, 15)
+        q = torch.clamp(torch.round(t / scale[:, None]) + zp[:, None], 0, 15)  # (V, D)
+        err = ((q - zp[:, None]) * scale[:, None] - t).pow(2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_q[better], best_s[better], best_zp[better] = q[better].to(torch.uint8), scale[better], zp[better]
+    if t.shape[1] % 2:  # pad to whole bytes with the zero point (dequantizes to 0, sliced off)
+        best_q = torch.cat((best_q, best_zp.to(torch.uint8)[:, None]), dim=1)
+    packed = best_q[:, 0::2] | (best_q[:, 1::2] << 4)  # low nibble = even column, as packing.py
+    return packed.contiguous(), best_s, best_zp.to(torch.uint8)
+
+
 @register_pass
 @dataclass
 class QuantizeEmbeddingsInt4(Pass):
@@ -281,6 +280,7 @@ class QuantizeEmbeddingsInt4(Pass):
 
     name = "quantize_embeddings_int4"
     min_rows: int = 1024  # position tables stay as they are (QuantizeEmbeddings may take them)
+    clip: bool = True  # search each row's range (quantize_rows_int4_clipped)
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         done = {}
@@ -290,7 +290,8 @@ class QuantizeEmbeddingsInt4(Pass):
             table = get_attr_tensor(gm, node.args[0])
             if table is None or table.shape[0] < self.min_rows or not table.is_floating_point():
                 continue
-            packed, scales, zp = quantize_rows_int4(table)  # (V, ceil(D/2)), (V,), (V,)
+            quantize = quantize_rows_int4_clipped if self.clip else quantize_rows_int4
+            packed, scales, zp = quantize(table)  # (V, ceil(D/2)), (V,), (V,)
             name = node.args[0].target
             args = (node.args[1], add_constant(gm, f"{name}_int4", packed, node),
                     add_constant(gm, f"{name}_scale", scales, node),
