@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-length", type=int, default=128, help="calibration tokens per sample (default 128)")
     c.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only after success)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the graph after each pass into DIR")
+    s = c.add_argument_group("structured compression (runs before quantization)")
+    s.add_argument("--prune-heads", type=float, metavar="FRAC", help="remove this fraction of attention heads")
+    s.add_argument("--prune-ffn", type=float, metavar="FRAC", help="remove this fraction of FFN neurons")
+    s.add_argument("--drop-layers", metavar="N|I,J", help="drop N layers by importance, or the given indices")
+    s.add_argument("--recover-steps", type=int, metavar="N", help="distillation steps after pruning (default 0)")
+    a = c.add_argument_group("attention replacement")
+    a.add_argument("--attention", choices=["linear", "local"], help="replace softmax attention")
+    a.add_argument("--attention-window", type=int, metavar="W", help="local attention window (tokens)")
+    a.add_argument("--global-tokens", type=int, metavar="G", help="global tokens for local attention")
+    a.add_argument("--attention-layers", metavar="SPEC",
+                   help="layers to replace: indices '2,3,4,5' or a range '2-5' (default: all)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="print an artifact's report")
@@ -132,6 +143,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_convert(args) -> int:
     from slimformer.compiler.artifact import check_destination
+    from slimformer.compiler.structure import structural_passes
     from slimformer.compiler.targets import get_target
     from slimformer.convert import convert_model_dir, read_calibration
 
@@ -140,14 +152,23 @@ def cmd_convert(args) -> int:
     check_destination(args.out, args.force)
     if not 0.0 < args.fidelity <= 1.0:
         raise SlimformerError(f"--fidelity must be in (0, 1], got {args.fidelity}", "e.g. --fidelity 0.995")
+    options = structural_options(args)
+    structural_passes(options)  # checks the fractions, window, ... before loading anything
     texts = read_calibration(args.calib or BUILTIN_CALIBRATION, user_given=args.calib is not None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     compiled = convert_model_dir(args.model_dir, args.target, args.out, texts, fidelity=args.fidelity,
                                  force=args.force, max_length=args.max_length, dump_ir=args.dump_ir,
-                                 console=console)
+                                 console=console, options=options)
     compiled.report.print(console)
     console.print(f"wrote {args.out}/model.onnx" if compiled.target.startswith("cpu") else f"wrote {args.out}")
     return 0
+
+
+def structural_options(args) -> dict:
+    """The convert flags that map onto compile(**options); unset flags are left out."""
+    keys = ("prune_heads", "prune_ffn", "drop_layers", "recover_steps", "attention",
+            "attention_window", "global_tokens", "attention_layers")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 if __name__ == "__main__":

@@ -108,7 +108,8 @@ def split_held_out(texts: list[str]) -> tuple[list[str], list[str]]:
 
 
 def convert_model_dir(model_dir, target: str, out, texts: list[str], *, fidelity=0.995, force=False,
-                      max_length=128, dump_ir=None, console: Console | None = None) -> CompiledModel:
+                      max_length=128, dump_ir=None, console: Console | None = None,
+                      options: dict | None = None) -> CompiledModel:
     console = console or Console()
     model, tokenizer = load_model_dir(model_dir)
     calib_texts, val_texts = split_held_out(texts)
@@ -118,7 +119,7 @@ def convert_model_dir(model_dir, target: str, out, texts: list[str], *, fidelity
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         compiled = compile(model, target, example, calib, validation=val, fidelity=fidelity,
-                           dump_ir=dump_ir, progress=progress)
+                           dump_ir=dump_ir, progress=progress, **(options or {}))
     compiled.report.model = str(model_dir)
 
     def extra_files(tmp: Path) -> None:

@@ -13,6 +13,7 @@ from slimformer.compiler.graph_utils import param_count, size_mb
 from slimformer.compiler.numerics import compare, run_batches
 from slimformer.compiler.pass_manager import CompileContext, PassManager
 from slimformer.compiler.report import Report
+from slimformer.compiler.structure import structural_passes
 from slimformer.compiler.targets import get_target
 from slimformer.errors import SlimformerError
 
@@ -41,6 +42,8 @@ def compile(
     tgt = get_target(target)
     if not 0.0 < fidelity <= 1.0:
         raise SlimformerError(f"fidelity must be in (0, 1], got {fidelity}", "e.g. --fidelity 0.995")
+    # Built first: an out-of-range option fails before minutes of tracing and calibration.
+    pipeline = structural_passes(options) + tgt.pipeline(options)
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
     batches = list(calibration) if calibration is not None else [example_inputs]
@@ -63,7 +66,7 @@ def compile(
     report = Report(target=target, model=type(model).__name__, fidelity_budget=fidelity,
                     size_before_mb=size_mb(model), params_before=param_count(model))
     ctx = CompileContext(model, batches, reference, fidelity, options, progress, report)
-    gm = PassManager(tgt.pipeline(options), dump_ir=dump_ir).run(gm, ctx)
+    gm = PassManager(pipeline, dump_ir=dump_ir).run(gm, ctx)
     report.params_after = param_count(gm)
     lower_start = time.perf_counter()
     compiled = tgt.lower(gm, ctx, outputs, options)

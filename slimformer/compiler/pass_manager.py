@@ -34,6 +34,10 @@ class Pass:
 
     name: str = "pass"
     requires: tuple[str, ...] = ()
+    # Structural passes (pruning, attention replacement) set this: once they changed the graph,
+    # later passes (quantization's fidelity budget) measure against the new graph's outputs,
+    # while the report keeps measuring against the original model.
+    rebases_reference: bool = False
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         raise NotImplementedError
@@ -73,6 +77,15 @@ class CompileContext:
     options: dict = field(default_factory=dict)
     progress: object | None = None  # a rich Progress, or None for quiet runs
     report: Report | None = None
+    # The original model's outputs; `reference` moves to the structurally compressed graph's
+    # outputs after a pass with rebases_reference (None: the same as reference).
+    original_reference: list[list[torch.Tensor]] | None = None
+
+    def rebase_reference(self, gm) -> None:
+        if self.original_reference is None:
+            self.original_reference = self.reference
+        with torch.no_grad():
+            self.reference = run_batches(gm, self.calibration)
 
     def fidelity(self, fn, max_batches: int | None = None) -> Fidelity:
         """Fidelity of a callable (a GraphModule, or anything taking the model's kwargs),
@@ -103,6 +116,8 @@ class PassManager:
             if result.modified:
                 analysis.invalidate(gm)
                 fidelity = self._verify(p, gm, ctx)
+                if p.rebases_reference:
+                    ctx.rebase_reference(gm)
             record = PassRecord(p.name, result.modified, result.summary,
                                 time.perf_counter() - start, fidelity and fidelity.as_dict(), result.details)
             if ctx.report is not None:
@@ -118,8 +133,9 @@ class PassManager:
             gm.recompile()
         except Exception as e:
             raise PassError(p.name, f"the graph no longer verifies: {e}") from e
-        try:
-            fid = ctx.fidelity(gm)
+        try:  # always against the original model, also after a structural pass
+            original = ctx.original_reference or ctx.reference
+            fid = compare(original, run_batches(gm, ctx.calibration), ctx.calibration)
         except Exception as e:
             raise PassError(p.name, f"the rewritten graph fails to run: {type(e).__name__}: {e}") from e
         if fid.cos_min != fid.cos_min:  # NaN
