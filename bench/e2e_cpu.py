@@ -35,6 +35,7 @@ from bench import common  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ANCHOR = "ort_int8_anchor"
+INT4_ANCHOR = "ort_int4_rtn"
 SEQ = 128
 
 
@@ -82,6 +83,24 @@ def export_fp32(model: torch.nn.Module, feeds: dict, path: Path) -> None:
                       output_names=["last_hidden_state"], dynamic_axes=dyn,
                       opset_version=17, dynamo=False)
     model.eval()
+
+
+def ort_int4_row(fp32: Path, path: Path) -> Row:
+    """ONNX Runtime's own int4: MatMulNBits, block 32, round-to-nearest (the cpu-int4 rows'
+    fidelity anchor; the embeddings stay fp32, as ORT leaves them)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    print("quantizing with onnxruntime MatMulNBitsQuantizer (int4, block 32, RTN) ...", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True)
+    quant = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, is_symmetric=True, algo_config=config)
+    quant.process()
+    quant.model.save_model_to_file(str(path))
+    return onnx_row(INT4_ANCHOR, path)
 
 
 def onnx_row(name: str, path: Path) -> Row:
@@ -281,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
     rows.append(onnx_row(ANCHOR, int8))
+    if any(t.startswith("cpu-int4") for t in args.targets + args.extra):
+        rows.append(ort_int4_row(fp32, work / INT4_ANCHOR / "model.onnx"))
     if not args.skip_slimformer:
         rows += slimformer_rows(args, work)
 

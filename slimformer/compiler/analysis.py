@@ -73,6 +73,10 @@ class LinearSite:
         return self.x.meta["val"].shape[-1]
 
 
+# node.meta key: a matmul against a constant that passes must leave in float (its value says why)
+KEEP_FLOAT = "slimformer_keep_float"
+
+
 def find_linears(gm: GraphModule) -> list[LinearSite]:
     return _cached(gm, "linears", _find_linears)
 
@@ -80,7 +84,7 @@ def find_linears(gm: GraphModule) -> list[LinearSite]:
 def _find_linears(gm: GraphModule) -> list[LinearSite]:
     sites = []
     for n in gm.graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or KEEP_FLOAT in n.meta:
             continue
         if n.target == aten.linear.default:
             x, w = n.args[0], n.args[1]

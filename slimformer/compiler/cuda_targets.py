@@ -31,6 +31,10 @@ from slimformer.passes.smooth import Smooth
 # 1064 vs 1066 ms, and single (1024 x 384 x 1536) MatMulNBits nodes: 7.5 ms (level 0) vs 8.3 ms
 # (level 4) -- and cost fidelity (min cos 0.9804 -> 0.9795). CPUs with VNNI may prefer 4.
 DEFAULT_ACCURACY_LEVEL = 0
+# How cpu-int4 computes: "matmulnbits" (ORT's int4 op, fp32 compute at the level above) or
+# "int8" (the int4 weight unpacked to int8 once at session start, W4A8 through the cpu-int8
+# kernel; lower_onnx.int4_as_int8_matmul).
+DEFAULT_INT4_COMPUTE = "int8"
 
 
 def lower_to_torch(target_name: str):
@@ -42,7 +46,8 @@ def lower_to_torch(target_name: str):
 
 def cuda_int8_pipeline(options: dict):
     return [
-        Smooth(alpha=options.get("smooth_alpha"), act_mode=ACT_PER_TOKEN_I8, qmax=QMAX_FULL),
+        Smooth(alpha=options.get("smooth_alpha"), act_mode=ACT_PER_TOKEN_I8, qmax=QMAX_FULL,
+               split_outliers=False),  # (on the GPU, two more launches per layer)
         QuantizeInt8(act_mode=ACT_PER_TOKEN_I8, qmax=QMAX_FULL, gptq=options.get("gptq", True),
                      sensitivity=options.get("sensitivity", True)),
     ]
@@ -69,7 +74,11 @@ def lower_cpu_int4(gm, ctx, outputs, options):
     level = options.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)
     if level not in (0, 1, 2, 3, 4):
         raise SlimformerError(f"accuracy_level={level} is not a MatMulNBits level", "use 0 (fp32) or 4 (int8)")
+    compute = options.get("int4_compute", DEFAULT_INT4_COMPUTE)
+    if compute not in ("int8", "matmulnbits"):
+        raise SlimformerError(f"int4_compute='{compute}' is not an option", "use int8 or matmulnbits")
     gm.meta["matmulnbits_accuracy_level"] = level  # read by lower_onnx.prepare_for_onnx
+    gm.meta["int4_compute"] = compute
     return lower_to_onnx("cpu-int4")(gm, ctx, outputs, options)
 
 

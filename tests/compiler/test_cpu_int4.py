@@ -12,6 +12,7 @@ from models import calibration, context, exported, fresh_copy, inputs, token_cos
 import slimformer
 from slimformer.compiler.compiled import OnnxCompiledModel, OutputSpec
 from slimformer.compiler.cuda_targets import cpu_int4_pipeline, lower_cpu_int4
+from slimformer.compiler.frontend import export as exported_graph
 from slimformer.compiler.pass_manager import PassManager
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")  # the CPU target never runs Triton
@@ -42,7 +43,7 @@ def nodes(compiled: OnnxCompiledModel, op: str) -> list:
 @pytest.mark.parametrize("level", [0, 4])
 def test_onnx_matches_the_pytorch_graph(int4_graph, level):
     model, x, gm, y_torch = int4_graph
-    compiled = lower(model, gm, x, accuracy_level=level)
+    compiled = lower(model, gm, x, accuracy_level=level, int4_compute="matmulnbits")
     mm = nodes(compiled, "MatMulNBits")
     assert len(mm) == 12 and all(n.domain == "com.microsoft" for n in mm)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mm[0].attribute}
@@ -54,6 +55,30 @@ def test_onnx_matches_the_pytorch_graph(int4_graph, level):
         torch.testing.assert_close(y_onnx, y_torch, rtol=0, atol=1e-4 * y_torch.abs().max().item())
     else:  # int8 activations per block: close, not equal
         assert token_cosines(y_torch, y_onnx, x["attention_mask"]).min() > 0.999
+
+
+def test_int8_compute_keeps_int4_storage():
+    """W4A8: the file holds the packed int4 weights; ONNX Runtime unpacks them to int8 at
+    session start and runs DynamicQuantizeMatMul on them. (The exporter itself folds weights
+    under 8192 packed bytes, so the FFN here is wide enough to stay packed.)"""
+    model = tf.BertModel(tf.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, intermediate_size=512,
+                                       max_position_embeddings=64), add_pooling_layer=False).eval()
+    calib = calibration(model, n=2)
+    x = inputs(model, batch=3, seq=12, seed=5)
+    gm = PassManager(cpu_int4_pipeline({"embeddings": "float"})).run(exported_graph(model, calib[0]),
+                                                                      context(model, calib))
+    with torch.no_grad():
+        y_torch = gm(**x).last_hidden_state
+    compiled = lower(model, gm, x, int4_compute="int8")
+    assert not nodes(compiled, "MatMulNBits") and len(nodes(compiled, "DynamicQuantizeMatMul")) == 6
+    inits = onnx.load_from_string(compiled.model_bytes).graph.initializer
+    packed = sorted(list(i.dims) for i in inits if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 3)
+    assert packed == [[64, 16, 16], [512, 2, 16]]  # FFN down and up: (N, K / 32, 16), two codes a byte
+    assert not [i for i in inits if i.data_type == onnx.TensorProto.INT8 and 512 * 64 in (i.dims[0] * i.dims[-1],)]
+    y_onnx = compiled(**x).last_hidden_state  # int8 activations per token: close, not equal
+    assert token_cosines(y_torch, y_onnx, x["attention_mask"]).min() > 0.999
+    assert not torch.equal(y_onnx, y_torch)
 
 
 def test_compile_save_load_and_fidelity(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from models import FAMILIES, calibration, context, exported, fresh_copy, inputs
 
-from slimformer.compiler import frontend
+from slimformer.compiler import analysis, frontend
 from slimformer.kernels.naive import ACT_PER_TENSOR_U8, ACT_ROW_NORM_U8
 from slimformer.passes.quantize import QMAX_CPU, QuantizeInt8
 from slimformer.passes.smooth import Smooth, quant_error, smoothing_scales
@@ -122,3 +122,31 @@ def test_albert_shared_weights_not_smoothed_inconsistently():
     with torch.no_grad():
         diff = (model(**held).last_hidden_state - gm(**held).last_hidden_state).abs().max().item()
     assert diff < 1e-4
+
+
+class OneHotChannel(Outliers):
+    """fc2's input has one channel 60x the others: too far out to migrate into the weights."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.fc1.weight[7] *= 60.0
+            self.fc1.bias[7] = 5.0
+
+
+def test_outlier_channels_split_to_a_float_side_path():
+    model = OneHotChannel().eval()
+    ctx = context(model, [_ids(i) for i in range(3)])
+    gm = frontend.export(model, ctx.calibration[0])
+    quant = QuantizeInt8(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, gptq=True, sensitivity=False)
+    no_split = Smooth(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, split_outliers=False).run(fresh_copy(gm), ctx)
+    plain = quant.run(no_split.graph_module, ctx).graph_module
+
+    result = Smooth(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU).run(gm, ctx)
+    assert result.details["outliers"]["fc2"]["channels"] == [7]
+    assert _rel_err(result.graph_module, ctx) < 1e-5  # still the same float function
+    side = [n for n in gm.graph.nodes if n.meta.get(analysis.KEEP_FLOAT) == "outlier channels of fc2"]
+    assert len(side) == 1 and side[0].target == torch.ops.aten.matmul.default
+    split = quant.run(result.graph_module, ctx).graph_module
+    assert side[0] in split.graph.nodes  # the side path is not quantized
+    assert _rel_err(split, ctx) < 0.5 * _rel_err(plain, ctx)
