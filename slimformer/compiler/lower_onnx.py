@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 
 from slimformer.compiler.graph_utils import add_constant, replace_node
 from slimformer.errors import SlimformerError
-from slimformer.kernels import naive
+from slimformer.kernels import naive, naive_attention
 from slimformer.passes.quantize import weight_only_int8_linear
 
 aten = torch.ops.aten
@@ -120,6 +120,12 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
         elif node.target == torch.ops.slimformer.int4_linear.default:
             level = gm.meta.get("matmulnbits_accuracy_level", 0)  # set by the cpu-int4 lowering
             replace_node(gm, node, matmul_nbits, (*node.args, level))
+        elif node.target == torch.ops.slimformer.linear_attention.default:
+            # matmuls only (causal: chunked cumulative form), no (T x T) intermediate
+            replace_node(gm, node, naive_attention.linear_attention_chunked, node.args)
+        elif node.target == torch.ops.slimformer.block_sparse_attention.default:
+            # blocked matmuls over padded windows plus the global rows
+            replace_node(gm, node, naive_attention.block_sparse_attention_blocked, node.args)
         elif node.target == aten.scaled_dot_product_attention.default:
             replace_node(gm, node, explicit_attention, node.args, node.kwargs)
         elif node.target == aten.layer_norm.default:

@@ -69,3 +69,5 @@ def int4_linear(
 @int4_linear.register_fake
 def _(x, qweight, scales, zero_points, bias, K, block_size):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+from slimformer.kernels import attention_ops  # noqa: E402, F401  (slimformer::*_attention ops)

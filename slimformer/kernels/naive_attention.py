@@ -1,0 +1,162 @@
+"""Plain-PyTorch references for slimformer's attention ops, and their sub-quadratic spellings.
+
+Two kinds of function per op:
+  *_ref       the definition, written the obvious (quadratic) way; tests compare against it.
+  *_chunked / *_blocked
+              the same arithmetic with no (T x T) intermediate, in ops that ONNX Runtime runs
+              (matmul, cumsum, softmax, reshape, pad): the CPU lowering swaps the custom op for
+              this, and the op's autograd differentiates through it.
+
+Shapes: q (B, H, T, Dq), k (B, H, S, Dq), v (B, H, S, D); outputs (B, H, T, D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LINEAR_EPS = 1e-6
+CAUSAL_CHUNK = 64  # rows per chunk of the causal form: a (C x C) block per chunk, state per chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# linear attention: out_t = phi(q_t) . sum_s phi(k_s) v_s^T / phi(q_t) . sum_s phi(k_s)
+# (q, k here are already feature-mapped, non-negative; masked keys have zero features)
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_attention_ref(q, k, v, causal: bool, eps: float = LINEAR_EPS):
+    scores = q.float() @ k.float().transpose(-2, -1)  # (B, H, T, S)
+    if causal:
+        scores = scores.tril()
+    out = (scores @ v.float()) / (scores.sum(-1, keepdim=True) + eps)
+    return out.to(v.dtype)
+
+
+def linear_attention_noncausal(q, k, v, eps: float = LINEAR_EPS):
+    qf, kf, vf = q.float(), k.float(), v.float()
+    kv = kf.transpose(-2, -1) @ vf  # (B, H, F, D)
+    z = kf.sum(2).unsqueeze(-1)  # (B, H, F, 1)
+    return ((qf @ kv) / (qf @ z + eps)).to(v.dtype)
+
+
+def linear_attention_chunked(q, k, v, causal: bool, eps: float = LINEAR_EPS, chunk: int = CAUSAL_CHUNK):
+    """Causal: per chunk of C rows, the exact (C x C) lower-triangular part plus the running
+    state sum_{s < chunk start} phi(k_s) v_s^T (an exclusive cumsum over chunks)."""
+    if not causal:
+        return linear_attention_noncausal(q, k, v, eps)
+    B, H, T, Fd = q.shape
+    D = v.shape[-1]
+    # pad to whole chunks with zero rows (zero features add nothing to any state); spelt
+    # n * C - T so that torch.export can prove the reshape below for every T (no guard on T)
+    n = (T + chunk - 1) // chunk
+    pad = n * chunk - T
+    qf, kf, vf = (F.pad(x.float(), (0, 0, 0, pad)) for x in (q, k, v))
+    qc = qf.reshape(B, H, n, chunk, Fd)  # (B, H, N, C, F)
+    kc = kf.reshape(B, H, n, chunk, Fd)
+    vc = vf.reshape(B, H, n, chunk, D)  # (B, H, N, C, D)
+    kv = kc.transpose(-2, -1) @ vc  # (B, H, N, F, D)
+    ks = kc.sum(3)  # (B, H, N, F)
+    state = torch.cumsum(kv, dim=2) - kv  # exclusive: chunks strictly before
+    zstate = torch.cumsum(ks, dim=2) - ks
+    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    scores = (qc @ kc.transpose(-2, -1)) * tri  # (B, H, N, C, C)
+    num = qc @ state + scores @ vc  # (B, H, N, C, D)
+    den = (qc * zstate.unsqueeze(3)).sum(-1, keepdim=True) + scores.sum(-1, keepdim=True)
+    out = (num / (den + eps)).reshape(B, H, n * chunk, D)[:, :, :T]
+    return out.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# block-sparse (local + global) attention
+#
+# Pattern, for window W and G global tokens: query i in block b = i // W attends to keys in
+# blocks b-1, b, b+1 (causal: b-1, b, and j <= i), plus keys j < G; a query i < G attends to
+# every key (causal: j <= i). With T <= W there is one block: plain softmax attention, exactly.
+# ---------------------------------------------------------------------------------------------
+
+
+def local_pattern(T: int, S: int, window: int, global_tokens: int, causal: bool, device=None):
+    """(T, S) bool: True where query i may attend to key j."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    near = ((i // window) - (j // window)).abs() <= 1
+    allowed = near | (j < global_tokens) | (i < global_tokens)
+    if causal:
+        allowed &= j <= i
+    return allowed
+
+
+def block_sparse_attention_ref(q, k, v, key_mask, window: int, global_tokens: int, causal: bool,
+                               scale: float | None = None):
+    T, S = q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    allowed = local_pattern(T, S, window, global_tokens, causal, q.device)  # (T, S)
+    if key_mask is not None:
+        allowed = allowed & (key_mask != 0)[:, None, None, :]  # (B, 1, T, S)
+    scores = (q.float() * scale) @ k.float().transpose(-2, -1)
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(v.dtype)
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    """0 where allowed, a large negative number elsewhere (fp32)."""
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)
+
+
+def block_sparse_attention_blocked(q, k, v, key_mask, window: int, global_tokens: int, causal: bool,
+                                   scale: float | None = None):
+    """Padded windows: the sequence is cut into N blocks of W; block b's queries score, in one
+    matmul and one softmax, the G global keys and the 3W keys of blocks b-1..b+1 (causal: 2W,
+    b-1 and b); the G global query rows are computed densely (G x T) and written over the
+    first rows. Cost O(T * (G + 3W)), no (T x T) intermediate.
+
+    The padding/duplicate-global mask depends on the key alone, so it rides along as one extra
+    channel: q' = [q * scale, 1], k' = [k, bias] -- the score matmul adds it, and no pass over
+    the (B, H, N, W, G + 3W) scores is spent on masking (an Add there cost ~20% on ORT)."""
+    B, H, T, Dq = q.shape
+    D = v.shape[-1]
+    W, G = window, min(global_tokens, T)  # G > T: every token is global
+    scale = Dq ** -0.5 if scale is None else scale
+    qs, kf, vf = q.float() * scale, k.float(), v.float()
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask != 0
+    pos = torch.arange(T, device=q.device)
+    n = (T + W - 1) // W
+    pad = n * W - T  # not (-T) % W: torch.export must prove the reshapes for every T
+    ones = torch.ones(B, H, n * W, 1, device=q.device)
+    qb = torch.cat([F.pad(qs, (0, 0, 0, pad)), ones], dim=-1).reshape(B, H, n, W, Dq + 1)
+    # keys: one block of padding on each side; neighbours are shifted slices
+    local_ok = F.pad(valid & (pos >= G), (W, pad + W), value=False)  # (B, (N+2)W): globals live apart
+    kp = torch.cat([F.pad(kf, (0, 0, W, pad + W)), _bias(local_ok)[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
+    kp = kp.reshape(B, H, n + 2, W, Dq + 1)
+    vp = F.pad(vf, (0, 0, W, pad + W)).reshape(B, H, n + 2, W, D)
+    shifts = (0, 1) if causal else (0, 1, 2)  # blocks b-1, b (, b+1) in padded block numbering
+    kparts, vparts = [kp[:, :, s:s + n] for s in shifts], [vp[:, :, s:s + n] for s in shifts]
+    if global_tokens > 0:  # the global keys, repeated for every block (G rows each: cheap)
+        kg = torch.cat([kf[:, :, :G], _bias(valid[:, :G])[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
+        kparts.insert(0, kg.unsqueeze(2).expand(B, H, n, G, Dq + 1))
+        vparts.insert(0, vf[:, :, :G].unsqueeze(2).expand(B, H, n, G, D))
+    kw = torch.cat(kparts, dim=3)  # (B, H, N, G + nW, Dq + 1)
+    vw = torch.cat(vparts, dim=3)  # (B, H, N, G + nW, D)
+    scores = qb @ kw.transpose(-2, -1)  # (B, H, N, W, G + nW), masks included
+    if causal:  # key position <= query position: depends on both, an Add of a (N, W, G + nW) bias
+        blocks = torch.arange(n, device=q.device)[:, None]
+        kpos = torch.cat([((blocks + s - 1) * W + torch.arange(W, device=q.device)[None, :]) for s in shifts], dim=1)
+        if global_tokens > 0:
+            kpos = torch.cat([torch.arange(G, device=q.device)[None, :].expand(n, G), kpos], dim=1)
+        qpos = torch.arange(n * W, device=q.device).reshape(n, W)
+        scores = scores + _bias(kpos[:, None, :] <= qpos[:, :, None])
+    out = (torch.softmax(scores, dim=-1) @ vw).reshape(B, H, n * W, D)[:, :, :T]
+    if global_tokens > 0:  # global query rows attend to every key
+        ok = valid[:, None, None, :]  # (B, 1, 1, T)
+        if causal:
+            ok = ok & (pos[None, :] <= pos[:G, None])
+        sq = qs[:, :, :G] @ kf.transpose(-2, -1) + _bias(ok)  # (B, H, G, T)
+        out = torch.cat([torch.softmax(sq, dim=-1) @ vf, out[:, :, G:]], dim=2)
+    return out.to(v.dtype)
+
+
+def _bias(allowed: torch.Tensor) -> torch.Tensor:
+    """0 where allowed, a large negative number elsewhere (fp32; min / 2: adding a score to it
+    cannot overflow to -inf, so a row with nothing allowed stays finite)."""
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)

@@ -1,0 +1,86 @@
+"""compile(**options) -> the attention-replacement passes (called by compiler/structure.py).
+
+Options:
+  attention                 "linear" | "local"
+  attention_window          local: block size W in tokens (default 64); T <= W is exact softmax
+  global_tokens             local: the first G tokens attend to / are attended by all (default 1)
+  attention_layers          which attention blocks (0-based, call order): "2-5", "2,3,4,5",
+                            a list of ints, or an int; default all (e.g. "2-5" keeps 0, 1 in softmax)
+  attention_feature_map     linear: "hedgehog" (learned, default) | "elu"
+  attention_transfer_steps  linear: Hedgehog fitting steps per layer (default 150)
+  attention_recover_steps   end-to-end distillation steps after the rewrite (default 100)
+Every option is checked here, before any model is traced.
+"""
+
+from __future__ import annotations
+
+import re
+
+from slimformer.compiler.pass_manager import Pass
+from slimformer.errors import SlimformerError
+from slimformer.passes.feature_maps import FEATURE_MAPS
+
+KINDS = ("linear", "local")
+DEFAULT_WINDOW = 64
+DEFAULT_GLOBAL_TOKENS = 1
+DEFAULT_RECOVER_STEPS = 100
+DEFAULT_TRANSFER_STEPS = 150
+
+
+def parse_layers(spec) -> list[int] | None:
+    """'2-5' | '2,3,4,5' | '1,4-6' | [2, 3] | 3 | None -> sorted unique layer indices (None: all)."""
+    if spec is None or spec == "" or spec == "all":
+        return None
+    hint = "use e.g. --attention-layers 2-5 or 2,3,4,5 (0-based attention blocks)"
+    if isinstance(spec, bool):
+        raise SlimformerError(f"attention_layers={spec!r} is not a layer list", hint)
+    if isinstance(spec, int):
+        spec = [spec]
+    if isinstance(spec, str):
+        out = []
+        for part in spec.replace(" ", "").split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+            if not m:
+                raise SlimformerError(f"attention_layers '{spec}': cannot read '{part}'", hint)
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            if hi < lo:
+                raise SlimformerError(f"attention_layers '{spec}': range {lo}-{hi} is empty", hint)
+            out += range(lo, hi + 1)
+        spec = out
+    if not isinstance(spec, (list, tuple)) or not spec or \
+            not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
+        raise SlimformerError(f"attention_layers={spec!r} is not a list of layer indices >= 0", hint)
+    return sorted(set(spec))
+
+
+def _int_option(options: dict, key: str, default: int, minimum: int, hint: str) -> int:
+    value = options.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SlimformerError(f"{key}={value!r} must be an integer >= {minimum}", hint)
+    return value
+
+
+def attention_passes(options: dict) -> list[Pass]:
+    from slimformer.passes.replace_attention import ReplaceAttention
+
+    kind = options.get("attention")
+    if kind not in KINDS:
+        raise SlimformerError(f"attention='{kind}' is not a kind of attention replacement",
+                              f"use one of: {', '.join(KINDS)}")
+    window = _int_option(options, "attention_window", DEFAULT_WINDOW, 1, "e.g. --attention-window 64")
+    glob = _int_option(options, "global_tokens", DEFAULT_GLOBAL_TOKENS, 0, "e.g. --global-tokens 1 (0: none)")
+    recover = _int_option(options, "attention_recover_steps", DEFAULT_RECOVER_STEPS, 0,
+                          "e.g. attention_recover_steps=100 (0: no distillation)")
+    transfer = _int_option(options, "attention_transfer_steps", DEFAULT_TRANSFER_STEPS, 0,
+                           "e.g. attention_transfer_steps=150")
+    fmap = options.get("attention_feature_map") or "hedgehog"
+    if fmap not in FEATURE_MAPS:
+        raise SlimformerError(f"attention_feature_map='{fmap}' is unknown", f"use one of: {', '.join(FEATURE_MAPS)}")
+    if kind == "linear" and (options.get("attention_window") is not None or options.get("global_tokens") is not None):
+        raise SlimformerError("attention_window and global_tokens apply to attention='local' only",
+                              "drop them, or use --attention local")
+    return [ReplaceAttention(kind=kind, feature_map=fmap, window=window, global_tokens=glob,
+                             layers=parse_layers(options.get("attention_layers")),
+                             transfer_steps=transfer, recover_steps=recover)]

@@ -1,0 +1,85 @@
+"""Feature maps phi for linear attention, and Hedgehog's per-layer training of them.
+
+Linear attention replaces softmax(q k^T) with phi(q) phi(k)^T, normalised per row. A fixed map
+(ELU + 1, Katharopoulos et al. 2020) is cheap but spreads attention far flatter than softmax.
+Hedgehog (Zhang et al. 2024) learns phi(x) = [softmax(x W), softmax(-x W)] per head, trained so
+that the normalised phi(q) phi(k)^T matches that layer's softmax attention weights on
+calibration activations (cross-entropy between the two distributions); that recovers the
+"spiky" attention patterns a fixed map cannot represent.
+
+All functions here are graph-callable: the pass inserts them as call_function nodes, so the
+CPU lowering exports them as plain ONNX ops (MatMul, Softmax, Concat).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FEATURE_MAPS = ("hedgehog", "elu")
+
+
+def elu_features(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0
+
+
+def hedgehog_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D), weight (H, D, F) -> (B, H, T, 2F), non-negative."""
+    u = torch.matmul(x, weight)  # (B, H, T, F): one projection per head
+    return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
+
+
+def mask_keys(phi_k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Zero the features of padding keys: they then add nothing to the sums. key_mask (B, S)."""
+    return phi_k * (key_mask != 0).to(phi_k.dtype)[:, None, :, None]
+
+
+def hedgehog_init(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Identity per head (the paper's init): phi starts as a softmax over q's own channels."""
+    return torch.eye(head_dim).repeat(num_heads, 1, 1)  # (H, D, D)
+
+
+def _attention_targets(q, k, allowed, scale):
+    """Softmax attention weights (B, H, T, S) of the original layer; `allowed` (B, 1, T, S)."""
+    scores = (q @ k.transpose(-2, -1)) * scale
+    return torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
+
+
+def _linear_weights(phi_q, phi_k, allowed):
+    a = (phi_q @ phi_k.transpose(-2, -1)) * allowed  # (B, H, T, S)
+    return a / (a.sum(-1, keepdim=True) + 1e-6)
+
+
+def train_hedgehog(samples: list[tuple], num_heads: int, head_dim: int, scale: float,
+                   steps: int = 150, lr: float = 0.02, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Fits (W_q, W_k), each (H, D, D), so the linear attention weights match softmax's.
+
+    samples: (q, k, allowed) per calibration batch; q, k (B, H, T, D) as the layer's attention
+    saw them (after rotary), allowed (B, 1, T, S) bool (padding and causality).
+    Returns the weights and {"loss_start", "loss_end"} (cross-entropy, nats per query row).
+    """
+    torch.manual_seed(seed)
+    wq = torch.nn.Parameter(hedgehog_init(num_heads, head_dim))
+    wk = torch.nn.Parameter(hedgehog_init(num_heads, head_dim))
+    opt = torch.optim.Adam([wq, wk], lr=lr)
+    with torch.no_grad():
+        targets = [_attention_targets(q.float(), k.float(), m, scale) for q, k, m in samples]
+        rows = [m.any(-1, keepdim=True).expand(-1, num_heads, -1, -1) for _, _, m in samples]
+
+    def loss_of(i):
+        q, k, m = samples[i]
+        pred = _linear_weights(hedgehog_features(q.float(), wq), hedgehog_features(k.float(), wk), m)
+        ce = -(targets[i] * torch.log(pred + 1e-8)).sum(-1, keepdim=True)  # (B, H, T, 1)
+        return ce[rows[i]].mean()
+
+    def mean_loss():
+        with torch.no_grad():
+            return sum(loss_of(i).item() for i in range(len(samples))) / len(samples)
+
+    start = mean_loss()
+    for step in range(max(steps, 0)):
+        opt.zero_grad()
+        loss_of(step % len(samples)).backward()
+        opt.step()
+    info = {"loss_start": round(start, 4), "loss_end": round(mean_loss(), 4)}
+    return wq.detach(), wk.detach(), info

@@ -1,0 +1,255 @@
+"""replace_attention: softmax attention -> linear attention or local (block-sparse) attention.
+
+Softmax attention costs O(T^2) time and memory per head. This pass rewrites each selected
+`scaled_dot_product_attention` node of the graph into
+  - kind="linear": phi(q) (phi(k)^T v) / normaliser, `slimformer::linear_attention`, with a
+    Hedgehog feature map trained per layer on calibration activations (or ELU + 1), O(T);
+  - kind="local": sliding-window attention in blocks of `window` plus `global_tokens` global
+    tokens, `slimformer::block_sparse_attention`, O(T * window); exact when T <= window.
+Then it recovers: attention transfer (the Hedgehog fit, per layer), and end-to-end distillation
+of the model's outputs towards the graph before the rewrite (`recover_steps`).
+
+What the original mask meant is read from the calibration run, not guessed from the model
+family: each layer's boolean (B, 1, T, S) mask is compared with "padding only" and "causal and
+padding" built from the `attention_mask` input. Layers whose mask is neither (relative-position
+biases as float masks, cross-attention, explicit matmul-softmax forms) are left in softmax and
+named in the summary with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from slimformer.compiler import analysis
+from slimformer.compiler.graph_utils import add_constant, capture
+from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
+from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimformer.*)
+from slimformer.kernels.naive_attention import LINEAR_EPS
+from slimformer.passes import feature_maps as fm
+from slimformer.passes.attention_distill import distill_outputs
+
+aten = torch.ops.aten
+KEY_MASK_INPUT = "attention_mask"
+
+
+@register_pass
+@dataclass
+class ReplaceAttention(Pass):
+    name = "replace_attention"
+    requires = ("attention",)
+    rebases_reference = True
+
+    kind: str = "linear"  # "linear" | "local"
+    feature_map: str = "hedgehog"  # linear only: "hedgehog" | "elu"
+    window: int = 64  # local only
+    global_tokens: int = 1  # local only
+    layers: list[int] | None = None  # indices into the attention blocks in call order; None: all
+    transfer_steps: int = 150  # Hedgehog fit per layer
+    recover_steps: int = 0  # end-to-end distillation steps after the rewrite
+    recover_lr: float = 1e-4
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        sites = analysis.find_attention(gm)
+        wanted = range(len(sites)) if self.layers is None else self.layers
+        key_mask = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == KEY_MASK_INPUT), None)
+        skipped, todo = {}, []
+        for i in wanted:
+            if i >= len(sites):
+                skipped[f"layer {i}"] = f"the model has {len(sites)} attention blocks"
+                continue
+            reason = _unsupported(sites[i])
+            if reason:
+                skipped[sites[i].path] = reason
+            else:
+                todo.append(sites[i])
+        values = _capture_inputs(gm, todo, ctx.calibration, key_mask)
+        replaced, details = [], {"skipped": skipped, "layers": {}}
+        for site in todo:
+            vals = values[site.node]
+            pattern = _mask_pattern(vals, site.node)
+            if pattern is None:
+                skipped[site.path] = "its mask is not padding or causal+padding (e.g. a position bias)"
+                continue
+            causal, use_key_mask = pattern
+            km = key_mask if use_key_mask else None
+            if self.kind == "linear":
+                info = self._to_linear(gm, site, vals, causal, km)
+            else:
+                info = self._to_local(gm, site, causal, km)
+            details["layers"][site.path] = {"causal": causal, **info}
+            replaced.append(site.path)
+        if not replaced:
+            return PassResult(gm, False, f"no attention replaced ({len(skipped)} skipped)", details)
+        gm.graph.eliminate_dead_code()  # the (B, 1, T, S) mask goes once no softmax layer reads it
+        gm.recompile()
+        analysis.invalidate(gm)
+        if self.recover_steps > 0:
+            trainable = _attention_params(gm, replaced)
+            details["recover"] = distill_outputs(gm, ctx, trainable, self.recover_steps, self.recover_lr)
+        what = f"{self.kind} ({self.feature_map})" if self.kind == "linear" else \
+            f"local (window {self.window}, {self.global_tokens} global)"
+        summary = f"{len(replaced)} attention block(s) -> {what}"
+        if skipped:
+            summary += f"; {len(skipped)} kept in softmax: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        return PassResult(gm, True, summary, details)
+
+    # -- rewrites ------------------------------------------------------------------------------
+
+    def _to_linear(self, gm, site, vals, causal: bool, key_mask: Node | None) -> dict:
+        sdpa = site.node
+        q, k, v = _qkv(gm, sdpa)
+        info = {}
+        if self.feature_map == "hedgehog":
+            samples = [(qq, kk, _allowed(mm, causal, km, qq.shape[2], kk.shape[2]))
+                       for qq, kk, mm, km in zip(vals["q"], vals["k"], vals["mask"], vals["key_mask"])]
+            scale = _scale(sdpa, site.head_dim)
+            wq, wk, info = fm.train_hedgehog(samples, site.num_heads, site.head_dim, scale, self.transfer_steps)
+            wq_node = add_constant(gm, f"{site.path}.hedgehog_q", wq, sdpa)
+            wk_node = add_constant(gm, f"{site.path}.hedgehog_k", wk, sdpa)
+            phi_q = _call(gm, fm.hedgehog_features, (q, wq_node), sdpa)
+            phi_k = _call(gm, fm.hedgehog_features, (k, wk_node), sdpa)
+        else:
+            phi_q = _call(gm, fm.elu_features, (q,), sdpa)
+            phi_k = _call(gm, fm.elu_features, (k,), sdpa)
+        if key_mask is not None:
+            phi_k = _call(gm, fm.mask_keys, (phi_k, key_mask), sdpa)
+        out = _call(gm, torch.ops.slimformer.linear_attention.default, (phi_q, phi_k, v, causal, LINEAR_EPS), sdpa)
+        sdpa.replace_all_uses_with(out)
+        gm.graph.erase_node(sdpa)
+        return info
+
+    def _to_local(self, gm, site, causal: bool, key_mask: Node | None) -> dict:
+        sdpa = site.node
+        q, k, v = _qkv(gm, sdpa)
+        args = (q, k, v, key_mask, self.window, self.global_tokens, causal, _scale(sdpa, site.head_dim))
+        out = _call(gm, torch.ops.slimformer.block_sparse_attention.default, args, sdpa)
+        sdpa.replace_all_uses_with(out)
+        gm.graph.erase_node(sdpa)
+        return {}
+
+
+# -- graph helpers -----------------------------------------------------------------------------
+
+
+def _unsupported(site: analysis.AttentionSite) -> str | None:
+    if site.form != "sdpa":
+        return f"{site.form} form (only scaled_dot_product_attention is rewritten)"
+    q, k = site.node.args[:2]
+    if q.meta["val"].shape[2] is not k.meta["val"].shape[2] and q.meta["val"].shape[2] != k.meta["val"].shape[2]:
+        return "cross-attention (queries and keys from different sequences)"
+    mask = _mask_arg(site.node)
+    if isinstance(mask, Node) and mask.meta["val"].dtype != torch.bool:
+        return "additive float mask (a position bias the replacement would drop)"
+    return None
+
+
+def _mask_arg(sdpa: Node):
+    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
+
+
+def _scale(sdpa: Node, head_dim: int) -> float:
+    scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
+    return float(scale) if scale is not None else head_dim ** -0.5
+
+
+def _qkv(gm: GraphModule, sdpa: Node) -> tuple[Node, Node, Node]:
+    """q, k, v of the SDPA node; grouped k/v heads repeated to the query heads."""
+    q, k, v = sdpa.args[:3]
+    heads, kv_heads = q.meta["val"].shape[1], k.meta["val"].shape[1]
+    if heads != kv_heads:
+        rep = heads // kv_heads
+        k = _call(gm, torch.repeat_interleave, (k, rep), sdpa, {"dim": 1})
+        v = _call(gm, torch.repeat_interleave, (v, rep), sdpa, {"dim": 1})
+    return q, k, v
+
+
+def _call(gm: GraphModule, fn, args: tuple, before: Node, kwargs: dict | None = None) -> Node:
+    """Inserts fn(*args) before `before`, with its fake value in meta["val"] (later analyses
+    and passes read shapes from it)."""
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(fn, args, kwargs or {})
+    node.meta["nn_module_stack"] = before.meta.get("nn_module_stack", {})
+    vals = [a.meta["val"] if isinstance(a, Node) else a for a in args]
+    fake = torch._guards.detect_fake_mode([x for x in vals if isinstance(x, torch.Tensor)])
+    if fake is not None:
+        vals = [fake.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(
+            x, torch._subclasses.FakeTensor) else x for x in vals]
+        with fake:
+            node.meta["val"] = fn(*vals, **(kwargs or {}))
+    return node
+
+
+def _capture_inputs(gm, sites, batches, key_mask: Node | None) -> dict:
+    """Per SDPA node: q, k, mask (or None) per calibration batch, and the key mask input."""
+    watch, role = [], {}
+    for s in sites:
+        q, k = s.node.args[:2]
+        mask = _mask_arg(s.node)
+        for name, n in (("q", q), ("k", k), ("mask", mask)):
+            if isinstance(n, Node):
+                watch.append(n)
+                role.setdefault(n, []).append((s.node, name))
+    values = {s.node: {"q": [None] * len(batches), "k": [None] * len(batches),
+                       "mask": [None] * len(batches), "key_mask": []} for s in sites}
+
+    def on_value(node, t, b):
+        for sdpa, name in role[node]:
+            values[sdpa][name][b] = t.detach().clone()
+
+    if sites:
+        capture(gm, list(dict.fromkeys(watch)), batches, on_value)
+    for s in sites:
+        values[s.node]["key_mask"] = [b.get(KEY_MASK_INPUT) if key_mask is not None else None for b in batches]
+    return values
+
+
+def _allowed(mask, causal: bool, key_mask, T: int, S: int) -> torch.Tensor:
+    """(B, 1, T, S) bool: what the replacement lets each query see."""
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else torch.ones(T, S, dtype=torch.bool)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & (key_mask != 0)[:, None, None, :]
+    return allowed
+
+
+def _mask_pattern(vals: dict, sdpa: Node) -> tuple[bool, bool] | None:
+    """(causal, uses the attention_mask input) if the original masks match one of the
+    patterns the replacement can express on every calibration batch (on real query rows)."""
+    is_causal = bool(sdpa.kwargs.get("is_causal", False))
+    if vals["mask"][0] is None:
+        return is_causal, False
+    for causal in ((True,) if is_causal else (False, True)):
+        for use_km in (True, False):
+            if all(_matches(m, q, k, km, causal, use_km)
+                   for m, q, k, km in zip(vals["mask"], vals["q"], vals["k"], vals["key_mask"])):
+                return causal, use_km
+    return None
+
+
+def _matches(mask, q, k, key_mask, causal: bool, use_km: bool) -> bool:
+    if use_km and key_mask is None:
+        return False
+    T, S = q.shape[2], k.shape[2]
+    expect = _allowed(mask, causal, key_mask if use_km else None, T, S)
+    rows = (key_mask != 0)[:, None, :, None] if key_mask is not None else torch.ones(1, 1, T, 1, dtype=torch.bool)
+    return bool(((mask.bool() == expect) | ~rows).all())
+
+
+def _attention_params(gm: GraphModule, paths: list[str]) -> list[str]:
+    """get_attr targets to train in recovery: the q/k/v/o projections of the rewritten blocks
+    and their feature maps."""
+    prefixes = tuple(p[:-len(".self")] if p.endswith(".self") else p for p in paths)  # BERT: the block
+    targets = []
+    for n in gm.graph.nodes:
+        if n.op != "get_attr":
+            continue
+        t = analysis.get_attr_tensor(gm, n)
+        if t is None or not t.is_floating_point():
+            continue
+        users = [analysis.module_path(u) for u in n.users]
+        if "hedgehog" in n.target or any(u.startswith(prefixes) for u in users):
+            targets.append(n.target)
+    return list(dict.fromkeys(targets))

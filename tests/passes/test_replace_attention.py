@@ -1,0 +1,116 @@
+"""replace_attention on the tiny model families: what is replaced, what is skipped and why,
+exactness of local attention within one window, causality read from the masks, layer
+selection, option validation, and the cpu-fp32 ONNX lowering of both kinds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import FAMILIES, calibration, context, exported, fresh_copy, inputs
+
+from slimformer.compiler.pass_manager import PassManager
+from slimformer.errors import SlimformerError
+from slimformer.passes.attention_pipeline import attention_passes, parse_layers
+from slimformer.passes.replace_attention import ReplaceAttention
+
+pytestmark = pytest.mark.usefixtures("reference_kernels")
+SLIM_OPS = {"linear_attention", "block_sparse_attention"}
+
+
+def _run(name: str, **kw):
+    model, _, gm = exported(name)
+    gm = fresh_copy(gm)
+    ctx = context(model, calibration(model, n=2))
+    gm = PassManager([ReplaceAttention(**kw)]).run(gm, ctx)
+    return gm, ctx.report.passes[-1]
+
+
+def _ops(gm) -> list[str]:
+    return [n.target.__name__.split(".")[0] for n in gm.graph.nodes
+            if n.op == "call_function" and "slimformer" in str(n.target)]
+
+
+def _sdpa_count(gm) -> int:
+    return sum(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_local_attention_is_exact_within_one_window(name):
+    gm, record = _run(name, kind="local", window=64, global_tokens=1)
+    assert _sdpa_count(gm) == 0 and _ops(gm) == ["block_sparse_attention"] * 2
+    assert record.fidelity["cos_min"] > 0.99999
+    causal = {layer["causal"] for layer in record.details["layers"].values()}
+    assert causal == {FAMILIES[name].decoder}
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa"])
+def test_linear_attention_with_hedgehog_and_recovery(name):
+    gm, record = _run(name, kind="linear", transfer_steps=30, recover_steps=6, recover_lr=1e-3)
+    assert _sdpa_count(gm) == 0 and _ops(gm) == ["linear_attention"] * 2
+    assert record.fidelity["cos_min"] > 0.95
+    layer = next(iter(record.details["layers"].values()))
+    assert layer["causal"] == FAMILIES[name].decoder
+    assert layer["loss_end"] <= layer["loss_start"] + 1e-6  # Hedgehog's fit did not get worse
+    rec = record.details["recover"]
+    assert rec["steps"] == 6 and rec["tensors"] > 0
+
+
+def test_short_window_with_global_token_and_recovery():
+    gm, record = _run("bert", kind="local", window=4, global_tokens=1, recover_steps=4, recover_lr=1e-3)
+    assert record.fidelity["cos_min"] > 0.98
+    assert record.details["recover"]["loss_end"] <= record.details["recover"]["loss_start"] * 1.5
+
+
+def test_layer_selection_keeps_the_rest_in_softmax():
+    gm, record = _run("bert", kind="local", window=4, layers=[1, 7])
+    assert _sdpa_count(gm) == 1 and _ops(gm) == ["block_sparse_attention"]
+    assert list(record.details["layers"]) == ["encoder.layer.1.attention.self"]
+    assert "layer 7" in record.details["skipped"]
+
+
+@pytest.mark.parametrize("name, reason", [("mpnet", "matmul_softmax"), ("t5_encoder", "float mask")])
+def test_unsupported_forms_are_skipped_with_a_reason(name, reason):
+    gm, record = _run(name, kind="linear", transfer_steps=2)
+    assert not record.modified and not _ops(gm)
+    assert all(reason in why for why in record.details["skipped"].values())
+
+
+def test_parse_layers():
+    assert parse_layers("2-5") == parse_layers("2,3,4,5") == parse_layers([5, 4, 3, 2]) == [2, 3, 4, 5]
+    assert parse_layers("0,3-4") == [0, 3, 4] and parse_layers(1) == [1] and parse_layers(None) is None
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"attention": "sparse"}, "linear, local"),
+    ({"attention": "local", "attention_window": 0}, "attention_window"),
+    ({"attention": "local", "global_tokens": -1}, "global_tokens"),
+    ({"attention": "local", "attention_layers": "2-x"}, "attention_layers"),
+    ({"attention": "local", "attention_layers": "5-2"}, "empty"),
+    ({"attention": "linear", "attention_layers": [-1]}, "attention_layers"),
+    ({"attention": "linear", "attention_window": 64}, "'local' only"),
+    ({"attention": "linear", "attention_feature_map": "relu"}, "hedgehog"),
+])
+def test_bad_options_fail_early_with_a_hint(options, needle):
+    with pytest.raises(SlimformerError) as e:
+        attention_passes(options)
+    assert needle in str(e.value) and e.value.hint
+
+
+@pytest.mark.parametrize("name, kind", [("bert", "local"), ("gpt2", "linear")])
+def test_cpu_fp32_lowering_runs_longer_padded_inputs(name, kind):
+    """ONNX Runtime runs the lowered ops at a length other than the traced one, with padding,
+    and agrees with the torch graph."""
+    import slimformer
+
+    model = FAMILIES[name].build()
+    opts = {"attention": kind, "attention_recover_steps": 0}
+    if kind == "local":
+        opts.update(attention_window=4, global_tokens=1)
+    else:
+        opts.update(attention_transfer_steps=5)
+    compiled = slimformer.compile(model, "cpu-fp32", inputs(model), calibration(model, n=1), **opts)
+    assert compiled.report.passes[0].name == "replace_attention"
+    assert compiled.report.final_fidelity["cos_min"] > 0.9
+    x = inputs(model, batch=2, seq=41, seed=5)
+    out = compiled(**x).last_hidden_state
+    assert out.shape[:2] == (2, 41) and torch.isfinite(out).all()
