@@ -36,6 +36,14 @@ class Report:
     final_fidelity: dict | None = None  # measured on the lowered artifact
     lowering: dict = field(default_factory=dict)
     seconds_total: float = 0.0
+    # Structured compression (pruning): what was removed per layer, cuts skipped and why,
+    # and the graph's FLOPs (one 128-token sequence) and parameters before/after the cuts.
+    structure: dict = field(default_factory=dict)  # layer path -> ["prune_heads: kept 9/12 ...", ...]
+    skipped_cuts: dict = field(default_factory=dict)  # "pass: what" -> why it was not cut
+    flops_before: float | None = None
+    flops_after: float | None = None
+    params_before_structure: int | None = None
+    params_after_structure: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -69,6 +77,7 @@ class Report:
         if self.size_before_mb is not None and self.size_after_mb is not None:
             console.print(f"size: {self.size_before_mb:.1f} MB -> {self.size_after_mb:.1f} MB "
                           f"({self.size_before_mb / max(self.size_after_mb, 1e-9):.1f}x smaller)")
+        self._print_structure(console)
         if self.float_layers:
             console.print(f"kept in float ({len(self.float_layers)}):")
             for path, why in self.float_layers.items():
@@ -78,6 +87,25 @@ class Report:
             mark = "[green][✓][/green]" if self.ok else "[red][x][/red]"
             console.print(f"fidelity {mark} min cosine {f['cos_min']:.5f} (budget {self.fidelity_budget}), "
                           f"mean {f['cos_mean']:.5f}, max abs {f['max_abs']:.3g}")
+
+    def _print_structure(self, console: Console) -> None:
+        if not self.structure and not self.skipped_cuts and self.flops_before is None:
+            return
+        if self.structure:
+            table = Table(title="structured compression", title_justify="left")
+            table.add_column("layer")
+            table.add_column("removed")
+            for layer, items in self.structure.items():
+                table.add_row(layer, "; ".join(items))
+            console.print(table)
+        if self.flops_before is not None and self.flops_after is not None:
+            console.print(f"FLOPs (one 128-token sequence): {self.flops_before / 1e9:.3f} G -> "
+                          f"{self.flops_after / 1e9:.3f} G ({self.flops_after / max(self.flops_before, 1):.0%})")
+        if self.params_before_structure is not None and self.params_after_structure is not None:
+            console.print(f"parameters: {self.params_before_structure:,} -> {self.params_after_structure:,} "
+                          f"({self.params_after_structure / max(self.params_before_structure, 1):.0%})")
+        for what, why in self.skipped_cuts.items():
+            console.print(f"  not cut: {what}: {why}")
 
 
 def _fmt(v, spec: str = ".5f") -> str:

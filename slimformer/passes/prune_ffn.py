@@ -1,0 +1,114 @@
+"""prune_ffn: removes a global fraction of FFN neurons, physically.
+
+Importance: Fisher information of a per-neuron gate on the down projection's input (see
+prune_importance). A cut removes rows of the up projection(s) (SwiGLU's gate and up) and
+columns of the down projection, and rewrites the width the export wrote into views (GPT-2's
+Conv1D reshapes). Each FFN keeps at least `min_keep` neurons, rounded to a multiple of
+`multiple_of` (GEMM-friendly widths on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from slimformer.compiler.blocks import FfnSite, find_ffns
+from slimformer.compiler.coupling import cut_groups, linear_unit
+from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
+from slimformer.passes import prune_graph as pg
+from slimformer.passes.prune_importance import (
+    gate_fisher,
+    gate_point,
+    round_keep,
+    select_global,
+    select_uniform,
+)
+from slimformer.passes.prune_report import note_after, note_before
+
+
+def apply_ffn_cut(gm: GraphModule, site: FfnSite, keep: torch.Tensor, done: set[str]) -> int:
+    """Cuts one FFN call to the `keep` neurons; shared weights are sliced once (`done`)."""
+
+    def cut(node, dim: int) -> None:
+        if node is not None and node.target not in done:
+            pg.slice_weight(gm, node, dim, keep)
+            done.add(node.target)
+
+    for up in site.ups:
+        cut(up.weight_node, pg.weight_dims(up.kind)[0])
+        cut(up.bias_node, 0)
+    cut(site.down.weight_node, pg.weight_dims(site.down.kind)[1])
+    sink = site.down.node.args[1] if site.down.kind == "addmm" else site.down.node.args[0]
+    region = pg.isolate(gm, pg.block_region([u.node for u in site.ups], sink, site.path))
+    return pg.rewrite_sizes(gm, region, {site.width: len(keep)})
+
+
+@register_pass
+@dataclass
+class PruneFfn(Pass):
+    """Options: fraction of FFN neurons to remove (global); rounding of kept widths."""
+
+    name = "prune_ffn"
+    rebases_reference = True
+    fraction: float = 0.4
+    multiple_of: int = 8
+    min_keep: int = 8
+    allocation: str = "global"  # "global": least important over all layers; "uniform": per layer
+    max_batches: int | None = 8  # calibration batches for the importance estimate
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        sites = find_ffns(gm)
+        note_before(ctx, gm)
+        skipped: dict[str, str] = {}
+        if not sites:
+            note_after(ctx, gm, self.name, {}, {"ffn": "no feed-forward block was found"})
+            return PassResult(gm, False, "no FFN found", {"skipped": skipped})
+        units = [linear_unit(s.down.path, s.ups, [s.down]) for s in sites]
+        groups = []
+        for g in cut_groups(gm, units):
+            if g.safe and len({sites[i].width for i in g.units}) == 1:
+                groups.append(g.units)
+            else:
+                for i in g.units:
+                    skipped[sites[i].path] = g.reason or "shared weights used with different widths"
+        if not groups or self.fraction <= 0:
+            note_after(ctx, gm, self.name, {}, skipped)
+            return PassResult(gm, False, "no FFN could be cut", {"skipped": skipped})
+        scores = self._group_scores(gm, ctx, sites, groups)
+        min_keep = min(self.min_keep, min(len(s) for s in scores))
+        keep = select_uniform(scores, self.fraction, min_keep) if self.allocation == "uniform" \
+            else select_global(scores, self.fraction, min_keep=min_keep)
+        done: set[str] = set()
+        per_layer, removed, total, removed_neurons = {}, 0, 0, {}
+        for members, kept, score in zip(groups, keep, scores):
+            width = sites[members[0]].width
+            kept = round_keep(kept, score, width, self.multiple_of)
+            total += width
+            if len(kept) == width:
+                continue
+            for i in members:
+                apply_ffn_cut(gm, sites[i], kept, done)
+            removed += width - len(kept)
+            calls = f" (shared by {len(members)} calls)" if len(members) > 1 else ""
+            path = sites[members[0]].path
+            per_layer[path] = f"FFN {width} -> {len(kept)} neurons{calls}"
+            removed_neurons[path] = sorted(set(range(width)) - set(kept.tolist()))
+        if not per_layer:
+            note_after(ctx, gm, self.name, {}, skipped)
+            return PassResult(gm, False, "fraction too small to remove a neuron", {"skipped": skipped})
+        pg.refresh_meta(gm)
+        gm.recompile()
+        note_after(ctx, gm, self.name, per_layer, skipped)
+        return PassResult(gm, True, f"removed {removed}/{total} FFN neurons",
+                          {"per_layer": per_layer, "skipped": skipped, "removed_neurons": removed_neurons})
+
+    def _group_scores(self, gm, ctx, sites, groups) -> list[torch.Tensor]:
+        live = [i for g in groups for i in g]
+        points = [(gate_point(sites[i].down.node.args[1] if sites[i].down.kind == "addmm" else sites[i].down.x),
+                   sites[i].width) for i in live]
+        batches = ctx.calibration[: self.max_batches]
+        targets = (ctx.original_reference or ctx.reference)[: self.max_batches]
+        fisher = dict(zip(live, gate_fisher(gm, batches, targets, points, ctx.progress, "FFN importance")))
+        return [sum(fisher[i] for i in g) for g in groups]

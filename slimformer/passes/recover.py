@@ -1,0 +1,253 @@
+"""recover: repairs a pruned graph without labels.
+
+(a) Always: a least-squares refit of every pruned block's output projection (attention o-proj,
+    FFN down-proj) so that, on calibration tokens, the residual stream right after it matches
+    the original graph's there (Kwon et al. 2022's layer-wise reconstruction, ridge-regularised;
+    the target is the original sum minus the pruned graph's residual input, so each refit also
+    absorbs what the layers before it lost). Projections are refit in execution order, each on
+    inputs that already see the earlier refits. Undone if it lowers calibration fidelity.
+(b) With steps > 0: distillation of all float parameters towards the original's hidden states
+    (passes/distill.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from slimformer.compiler import analysis
+from slimformer.compiler.analysis import LinearSite, get_attr_tensor
+from slimformer.compiler.blocks import find_ffns
+from slimformer.compiler.graph_utils import set_attr_tensor
+from slimformer.compiler.numerics import batch_mask, compare, run_batches
+from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
+from slimformer.passes.prune_report import note_after, original_graph
+
+aten = torch.ops.aten
+
+
+def ridge_lstsq(xtx: torch.Tensor, xty: torch.Tensor, ridge: float,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_B ||X B - Y||^2 + lam ||B - prior||^2 from the normal equations (prior: 0 when
+    None); lam = ridge * mean of diag(X^T X). xtx: (K, K), xty, prior: (K, N) -> (K, N).
+    Shrinking towards the pruned weights rather than towards zero keeps what the calibration
+    tokens do not pin down (a few thousand tokens against ~1000 inputs). Pure function."""
+    k = xtx.shape[0]
+    lam = ridge * xtx.diagonal().mean().clamp(min=1e-12)
+    a = xtx + lam * torch.eye(k, dtype=xtx.dtype)
+    b = xty if prior is None else xty + lam * prior.to(xty.dtype)
+    return torch.linalg.solve(a, b)
+
+
+def output_projections(gm: GraphModule) -> list[LinearSite]:
+    """Attention output and FFN down projections, in execution order."""
+    sites = [a.o for a in analysis.find_attention(gm) if a.o is not None]
+    sites += [f.down for f in find_ffns(gm)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    seen, out = set(), []
+    for s in sorted(sites, key=lambda s: order[s.node]):
+        if s.node not in seen:
+            seen.add(s.node)
+            out.append(s)
+    return out
+
+
+def pruned_projections(gm: GraphModule, original: GraphModule) -> dict[str, list[LinearSite]]:
+    """Weight attribute -> its calls (execution order) among the output projections that read
+    fewer features than the same node of the original graph."""
+    before = {s.node.name: s for s in analysis.find_linears(original)}
+    groups: dict[str, list[LinearSite]] = {}
+    for s in output_projections(gm):
+        o = before.get(s.node.name)
+        if o is not None and o.in_features != s.in_features:
+            groups.setdefault(s.weight_node.target, []).append(s)
+    return groups
+
+
+_IDENTITY = {aten.dropout.default, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+             aten.clone.default, aten.alias.default}
+
+
+def residual_add(site: LinearSite) -> tuple[Node, Node] | None:
+    """(the add that puts the projection's output on the residual stream, the residual operand),
+    through dropout/reshapes; None when the output goes elsewhere first."""
+    n = site.node
+    for _ in range(4):
+        users = list(n.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if u.target in (aten.add.Tensor, aten.add_.Tensor) and len(u.args) >= 2:
+            other = u.args[1] if u.args[0] is n else u.args[0]
+            ok = isinstance(other, Node) and other.meta.get("val") is not None \
+                and tuple(other.meta["val"].shape) == tuple(u.meta["val"].shape)
+            return (u, other) if ok else None
+        if u.target not in _IDENTITY:
+            return None
+        n = u
+    return None
+
+
+class _Stop(Exception):
+    """Raised by the last probe: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def capture_values(gm: GraphModule, nodes: list[Node], batches: list[dict], stop_early: bool = True) -> dict:
+    """{(node name, batch index): value} of `nodes` over `batches`; with stop_early each
+    forward ends right after the last of them."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max(nodes, key=lambda n: order[n])
+    values, current, probes = {}, {"batch": 0}, []
+
+    def make_probe(watched):
+        def probe(t):
+            values[(watched.name, current["batch"])] = t.detach().float()
+            if stop_early and watched is last:
+                raise _Stop
+            return t
+        return probe
+
+    for n in nodes:
+        with gm.graph.inserting_after(n):
+            probes.append(gm.graph.call_function(make_probe(n), (n,)))
+    gm.recompile()
+    try:
+        for i, b in enumerate(batches):
+            current["batch"] = i
+            try:
+                gm(**b)
+            except _Stop:
+                pass
+    finally:
+        for p in probes:
+            gm.graph.erase_node(p)
+        gm.recompile()
+    return values
+
+
+def refit_targets(original: GraphModule, groups: dict[str, list[LinearSite]], batches: list[dict]) -> dict:
+    """What each call's output should be, from one pass of the original graph: where the output
+    joins the residual stream, the original sum there (the current residual is subtracted
+    later, so the refit also absorbs the error upstream layers left on the stream); else the
+    original projection's own output. Returns {(node name, batch): tensor}."""
+    by_name = {n.name: n for n in original.graph.nodes}
+    watch = []
+    for calls in groups.values():
+        for s in calls:
+            res = residual_add(s)
+            name = res[0].name if res else s.node.name
+            if name in by_name:
+                watch.append(by_name[name])
+    return capture_values(original, list(dict.fromkeys(watch)), batches, stop_early=False)
+
+
+@torch.no_grad()
+def refit_projection(gm: GraphModule, calls: list[LinearSite], targets: dict, batches: list[dict],
+                     ridge: float) -> int:
+    """Refits one (possibly shared) projection so that, over the batches' real tokens, each
+    call's output matches its target. Returns the tokens used."""
+    site = calls[0]
+    sinks = [s.node.args[1] if s.kind == "addmm" else s.node.args[0] for s in calls]
+    plans = []  # (sink, residual node or None, target node name)
+    for s, sink in zip(calls, sinks):
+        res = residual_add(s)
+        plans.append((sink, res[1] if res else None, res[0].name if res else s.node.name))
+    watch = list(dict.fromkeys([p[0] for p in plans] + [p[1] for p in plans if p[1] is not None]))
+    values = capture_values(gm, watch, batches)
+    k_in = site.in_features + (1 if site.bias_node is not None else 0)
+    xtx, xty, tokens = torch.zeros(k_in, k_in, dtype=torch.float64), None, 0
+    for bi, batch in enumerate(batches):
+        for sink, resid, target in plans:
+            if (target, bi) not in targets or (sink.name, bi) not in values:
+                continue
+            y = targets[(target, bi)]
+            if resid is not None:
+                y = y - values[(resid.name, bi)]
+            x = values[(sink.name, bi)].reshape(-1, site.in_features)  # (tokens, K)
+            y = y.reshape(x.shape[0], -1)  # (tokens, N)
+            keep = _token_mask(batch, x.shape[0])
+            if keep is not None:
+                x, y = x[keep], y[keep]
+            if site.bias_node is not None:
+                x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+            x, y = x.double(), y.double()
+            xtx += x.T @ x
+            xty = x.T @ y if xty is None else xty + x.T @ y
+            tokens += x.shape[0]
+    if xty is None:
+        return 0
+    w0 = get_attr_tensor(gm, site.weight_node)
+    prior = w0.T if site.kind == "linear" else w0  # (K, N)
+    if site.bias_node is not None:
+        prior = torch.cat([prior, get_attr_tensor(gm, site.bias_node)[None, :]])
+    sol = ridge_lstsq(xtx, xty, ridge, prior.double()).float()  # (K [+1], N)
+    w, b = (sol[:-1], sol[-1]) if site.bias_node is not None else (sol, None)
+    set_attr_tensor(gm, site.weight_node.target, w.T.contiguous() if site.kind == "linear" else w)
+    if b is not None:
+        set_attr_tensor(gm, site.bias_node.target, b)
+    return tokens
+
+
+def _token_mask(batch: dict, rows: int) -> torch.Tensor | None:
+    m = batch_mask(batch)
+    if m is None or m.numel() != rows:
+        return None
+    return m.reshape(-1).bool()
+
+
+@register_pass
+@dataclass
+class Recover(Pass):
+    """Options: steps (distillation steps, 0 = least squares only), lr, ridge."""
+
+    name = "recover"
+    rebases_reference = True
+    steps: int = 0
+    lr: float = 5e-5
+    ridge: float = 0.05
+    check_batches: int = 4  # calibration batches that decide whether the refit is kept
+
+    def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        original = original_graph(ctx)
+        groups = pruned_projections(gm, original) if original is not None else {}
+        summary, details = [], {}
+        if groups:
+            base = _fidelity_to_original(gm, ctx, self.check_batches)
+            saved = {a: (get_attr_tensor(gm, c[0].weight_node).clone(),
+                         None if c[0].bias_node is None else get_attr_tensor(gm, c[0].bias_node).clone())
+                     for a, c in groups.items()}
+            task = ctx.progress.add_task("least squares", total=len(groups)) if ctx.progress else None
+            targets = refit_targets(original, groups, ctx.calibration)
+            for calls in groups.values():  # execution order: later refits see earlier ones
+                refit_projection(gm, calls, targets, ctx.calibration, self.ridge)
+                if task is not None:
+                    ctx.progress.advance(task)
+            after = _fidelity_to_original(gm, ctx, self.check_batches)
+            if after.cos_mean < base.cos_mean:  # the refit overfit the calibration set: undo it
+                for attr, (w, b) in saved.items():
+                    set_attr_tensor(gm, attr, w)
+                    if b is not None:
+                        set_attr_tensor(gm, groups[attr][0].bias_node.target, b)
+                summary.append(f"least squares did not help ({after.cos_mean:.4f} < {base.cos_mean:.4f}), undone")
+            else:
+                summary.append(f"least squares refit {len(groups)} projections "
+                               f"(cos mean {base.cos_mean:.4f} -> {after.cos_mean:.4f})")
+            details["refit"] = sorted(groups)
+        if self.steps > 0:
+            from slimformer.passes.distill import distill
+
+            losses = distill(gm, ctx, self.steps, lr=self.lr)
+            summary.append(f"distilled {self.steps} steps (loss {losses[0]:.3g} -> {losses[-1]:.3g})")
+            details["distill_loss"] = [losses[0], losses[-1]]
+        if not summary:
+            return PassResult(gm, False, "nothing was pruned")
+        note_after(ctx, gm, self.name, {}, {})
+        return PassResult(gm, True, "; ".join(summary), details)
+
+
+def _fidelity_to_original(gm: GraphModule, ctx: CompileContext, batches: int | None = None):
+    ref = (ctx.original_reference or ctx.reference)[:batches]
+    return compare(ref, run_batches(gm, ctx.calibration[:batches]), ctx.calibration[:batches])

@@ -1,0 +1,81 @@
+"""prune_ffn: neurons physically removed (up rows, SwiGLU's gate rows, down columns), and the
+pruned graph computes what the eager model computes with those neurons masked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import FAMILIES, calibration, context, exported, fresh_copy, inputs
+from transformers.pytorch_utils import Conv1D
+
+from slimformer.compiler import analysis, frontend
+from slimformer.compiler.analysis import get_attr_tensor
+from slimformer.compiler.blocks import find_ffns
+from slimformer.passes.prune_ffn import PruneFfn
+from slimformer.passes.prune_importance import round_keep
+
+
+def prune(family: str, fraction: float, model=None):
+    if model is None:
+        model, _, gm0 = exported(family)
+        gm = fresh_copy(gm0)
+    else:
+        gm = frontend.export(model, inputs(model))
+    ctx = context(model, calibration(model))
+    result = PruneFfn(fraction=fraction, multiple_of=1, min_keep=1).run(gm, ctx)
+    analysis.invalidate(gm)
+    gm.recompile()
+    return gm, result
+
+
+def mask_down_columns(model, removed: dict[str, list[int]], gm) -> None:
+    downs = {s.path: s.down.path for s in find_ffns(gm)}
+    with torch.no_grad():
+        for path, cols in removed.items():
+            down = model.get_submodule(downs[path])
+            if isinstance(down, Conv1D):  # (in, out)
+                down.weight[cols, :] = 0
+            else:
+                down.weight[:, cols] = 0
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama_gqa", "t5_encoder", "albert"])
+def test_pruned_ffn_equals_masked_eager_model(family):
+    gm, result = prune(family, 0.5)
+    removed = result.details["removed_neurons"]
+    assert removed
+    for site in find_ffns(gm):
+        width = 128 - len(removed[site.path])
+        assert site.width == width
+        for up in site.ups:  # SwiGLU: gate and up both lose the rows
+            assert up.out_features == width
+    ref = FAMILIES[family].build()
+    mask_down_columns(ref, removed, exported(family)[2])
+    ev = inputs(ref, batch=2, seq=7, seed=3)
+    with torch.no_grad():
+        want, got, full = ref(**ev)[0], gm(**ev)[0], exported(family)[0](**ev)[0]
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, err
+    assert (full - want).abs().max().item() > 10 * err
+
+
+def test_albert_shared_ffn_weights_cut_once():
+    gm, result = prune("albert", 0.5)
+    sites = find_ffns(gm)
+    assert len(sites) == 2 and sites[0].down.weight_node.target == sites[1].down.weight_node.target
+    assert get_attr_tensor(gm, sites[0].down.weight_node).shape == (64, 64)
+
+
+def test_dead_neurons_go_first():
+    model = FAMILIES["bert"].build()
+    dead = list(range(0, 128, 4))  # 32 neurons of layer 0 whose output is never read
+    with torch.no_grad():
+        model.encoder.layer[0].output.dense.weight[:, dead] = 0
+    _, result = prune("bert", 32 / 256, model)
+    assert result.details["removed_neurons"] == {"encoder.layer.0": dead}
+
+
+def test_round_keep_adds_back_the_best_removed():
+    score = torch.tensor([5.0, 0.1, 3.0, 0.2, 0.3, 4.0, 0.0, 1.0])
+    keep = round_keep(torch.tensor([0, 2, 5]), score, 8, 4)
+    assert keep.tolist() == [0, 2, 5, 7]  # neuron 7 (1.0) is the best of the removed
