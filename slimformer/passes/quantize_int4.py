@@ -65,11 +65,14 @@ class QuantizeInt4(Pass):
     act_order: bool = True
     awq_tokens: int = 2048  # AWQ: calibration tokens the scale search sees, per group
     exclude: list[str] = field(default_factory=list)
+    # Block 16: MatMulNBits and the W4A8 CPU lowering take it, the Triton kernel does not (its
+    # tl.dot needs 16 columns per nibble half): cpu-int4 only.
+    allow_block16: bool = False
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         if self.method not in METHODS:
             raise SlimformerError(f"unknown int4 method '{self.method}'", f"use one of {', '.join(METHODS)}")
-        if self.block_size not in BLOCK_SIZES:
+        if self.block_size not in BLOCK_SIZES and not (self.block_size == 16 and self.allow_block16):
             raise SlimformerError(f"int4 block_size {self.block_size} is not supported",
                                   f"use one of {', '.join(map(str, BLOCK_SIZES))}")
         sites = [s for s in analysis.find_linears(gm) if not any(e in s.path for e in self.exclude)]

@@ -11,7 +11,7 @@ from models import calibration, context, exported, fresh_copy, inputs, token_cos
 
 import slimformer
 from slimformer.compiler.compiled import OnnxCompiledModel, OutputSpec
-from slimformer.compiler.cuda_targets import cpu_int4_pipeline, lower_cpu_int4
+from slimformer.compiler.cuda_targets import CPU_INT4_BLOCK, cpu_int4_pipeline, lower_cpu_int4
 from slimformer.compiler.frontend import export as exported_graph
 from slimformer.compiler.pass_manager import PassManager
 
@@ -47,7 +47,7 @@ def test_onnx_matches_the_pytorch_graph(int4_graph, level):
     mm = nodes(compiled, "MatMulNBits")
     assert len(mm) == 12 and all(n.domain == "com.microsoft" for n in mm)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mm[0].attribute}
-    assert attrs == {"K": 64, "N": 64, "bits": 4, "block_size": 32, "accuracy_level": level}
+    assert attrs == {"K": 64, "N": 64, "bits": 4, "block_size": CPU_INT4_BLOCK, "accuracy_level": level}
     assert not nodes(compiled, "MatMul") or all(  # only attention's activation matmuls remain
         not any(i.endswith("weight") for i in n.input) for n in nodes(compiled, "MatMul"))
     y_onnx = compiled(**x).last_hidden_state
@@ -74,7 +74,8 @@ def test_int8_compute_keeps_int4_storage():
     assert not nodes(compiled, "MatMulNBits") and len(nodes(compiled, "DynamicQuantizeMatMul")) == 6
     inits = onnx.load_from_string(compiled.model_bytes).graph.initializer
     packed = sorted(list(i.dims) for i in inits if i.data_type == onnx.TensorProto.UINT8 and len(i.dims) == 3)
-    assert packed == [[64, 16, 16], [512, 2, 16]]  # FFN down and up: (N, K / 32, 16), two codes a byte
+    bs = CPU_INT4_BLOCK  # FFN down and up: (N, K / bs, bs / 2), two codes a byte
+    assert packed == [[64, 512 // bs, bs // 2], [512, 64 // bs, bs // 2]]
     assert not [i for i in inits if i.data_type == onnx.TensorProto.INT8 and 512 * 64 in (i.dims[0] * i.dims[-1],)]
     y_onnx = compiled(**x).last_hidden_state  # int8 activations per token: close, not equal
     assert token_cosines(y_torch, y_onnx, x["attention_mask"]).min() > 0.999
