@@ -188,6 +188,18 @@ def long_text_batches(tokenizer, seq: int, n_batches: int, batch: int, offset: i
             for i in range(0, len(rows), batch)]
 
 
+@torch.no_grad()
+def pooled_cosines(model, compiled, batches) -> dict:
+    """Cosine of mean-pooled embeddings (sentence-transformers' MiniLM pooling), per sample."""
+    cos = []
+    for b in batches:
+        m = b["attention_mask"].unsqueeze(-1).float()
+        ref = (model(**b).last_hidden_state * m).sum(1) / m.sum(1)
+        got = (compiled(**b).last_hidden_state * m).sum(1) / m.sum(1)
+        cos += torch.nn.functional.cosine_similarity(ref, got, dim=-1).tolist()
+    return {"cos_min": min(cos), "cos_mean": sum(cos) / len(cos)}
+
+
 def run_fidelity(seq: int = 256, recover_steps: int | None = None) -> dict:
     import transformers as tf
 
@@ -195,8 +207,8 @@ def run_fidelity(seq: int = 256, recover_steps: int | None = None) -> dict:
     from bench.common import minilm_dir
 
     tok = tf.AutoTokenizer.from_pretrained(minilm_dir())
-    calib = long_text_batches(tok, seq, n_batches=4, batch=4)
-    held = long_text_batches(tok, seq, n_batches=2, batch=4, offset=1000)
+    calib = long_text_batches(tok, seq, n_batches=8, batch=4)  # windows 0..31: the first ~4200 tokens
+    held = long_text_batches(tok, seq, n_batches=2, batch=4, offset=40)  # windows 40..47: unseen text
     out = {}
     for name, opts in {"local": {"attention": "local", "attention_window": 64, "global_tokens": 1},
                        "linear": {"attention": "linear"}}.items():
@@ -207,6 +219,7 @@ def run_fidelity(seq: int = 256, recover_steps: int | None = None) -> dict:
         compiled = slimformer.compile(model, "cpu-fp32", calib[0], calib, validation=held, **opts)
         rec = compiled.report.passes[0]
         out[name] = {"options": opts, "seq": seq, "final_fidelity_held_out": compiled.report.final_fidelity,
+                     "pooled_cosine_held_out": pooled_cosines(model, compiled, held),
                      "fidelity_after_pass_calibration": rec.fidelity, "summary": rec.summary,
                      "recover": rec.details.get("recover"), "seconds": round(time.perf_counter() - t0, 1)}
         print(name, json.dumps(out[name]), flush=True)

@@ -24,10 +24,15 @@ import torch
 from torch.fx import GraphModule, Node
 
 from slimformer.compiler import analysis
-from slimformer.compiler.graph_utils import add_constant, capture
+from slimformer.compiler.graph_utils import add_constant, capture, set_attr_tensor
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimformer.*)
-from slimformer.kernels.naive_attention import LINEAR_EPS
+from slimformer.kernels.naive_attention import (
+    LINEAR_EPS,
+    block_sparse_attention_blocked,
+    linear_attention_chunked,
+)
+from slimformer.passes import attention_transfer as transfer
 from slimformer.passes import feature_maps as fm
 from slimformer.passes.attention_distill import distill_outputs
 
@@ -47,7 +52,8 @@ class ReplaceAttention(Pass):
     window: int = 64  # local only
     global_tokens: int = 1  # local only
     layers: list[int] | None = None  # indices into the attention blocks in call order; None: all
-    transfer_steps: int = 150  # Hedgehog fit per layer
+    transfer_steps: int = 150  # per layer: Hedgehog fit, then q/k/v projection fit
+    transfer_lr: float = 1e-4
     recover_steps: int = 0  # end-to-end distillation steps after the rewrite
     recover_lr: float = 1e-4
 
@@ -67,6 +73,7 @@ class ReplaceAttention(Pass):
                 todo.append(sites[i])
         values = _capture_inputs(gm, todo, ctx.calibration, key_mask)
         replaced, details = [], {"skipped": skipped, "layers": {}}
+        shared = _shared_weights(todo)
         for site in todo:
             vals = values[site.node]
             pattern = _mask_pattern(vals, site.node)
@@ -74,11 +81,15 @@ class ReplaceAttention(Pass):
                 skipped[site.path] = "its mask is not padding or causal+padding (e.g. a position bias)"
                 continue
             causal, use_key_mask = pattern
+            if not use_key_mask:
+                vals = {**vals, "key_mask": [None] * len(ctx.calibration)}
             km = key_mask if use_key_mask else None
             if self.kind == "linear":
-                info = self._to_linear(gm, site, vals, causal, km)
+                info, maps = self._to_linear(gm, site, vals, causal, km)
             else:
-                info = self._to_local(gm, site, causal, km)
+                info, maps = self._to_local(gm, site, causal, km), []
+            if self.transfer_steps > 0:
+                info.update(self._transfer(gm, site, vals, causal, maps, shared))
             details["layers"][site.path] = {"causal": causal, **info}
             replaced.append(site.path)
         if not replaced:
@@ -87,8 +98,7 @@ class ReplaceAttention(Pass):
         gm.recompile()
         analysis.invalidate(gm)
         if self.recover_steps > 0:
-            trainable = _attention_params(gm, replaced)
-            details["recover"] = distill_outputs(gm, ctx, trainable, self.recover_steps, self.recover_lr)
+            details["recover"] = _distill(gm, ctx, replaced, self.recover_steps, self.recover_lr)
         what = f"{self.kind} ({self.feature_map})" if self.kind == "linear" else \
             f"local (window {self.window}, {self.global_tokens} global)"
         summary = f"{len(replaced)} attention block(s) -> {what}"
@@ -111,7 +121,9 @@ class ReplaceAttention(Pass):
             wk_node = add_constant(gm, f"{site.path}.hedgehog_k", wk, sdpa)
             phi_q = _call(gm, fm.hedgehog_features, (q, wq_node), sdpa)
             phi_k = _call(gm, fm.hedgehog_features, (k, wk_node), sdpa)
+            maps = [wq_node.target, wk_node.target]
         else:
+            maps = []
             phi_q = _call(gm, fm.elu_features, (q,), sdpa)
             phi_k = _call(gm, fm.elu_features, (k,), sdpa)
         if key_mask is not None:
@@ -119,6 +131,36 @@ class ReplaceAttention(Pass):
         out = _call(gm, torch.ops.slimformer.linear_attention.default, (phi_q, phi_k, v, causal, LINEAR_EPS), sdpa)
         sdpa.replace_all_uses_with(out)
         gm.graph.erase_node(sdpa)
+        return info, maps
+
+    def _transfer(self, gm, site, vals, causal: bool, maps: list[str], shared: set) -> dict:
+        """Per-layer fit of q/k/v (and the feature maps) to the original attention output."""
+        lins = transfer.projections(site)
+        if lins is None or any(lin.weight_node.target in shared for lin in lins):
+            return {"transfer": "skipped (projections not three separate, unshared linears)"}
+        if not transfer.matches_graph(gm, site, vals["x"][0], vals["q"][0], vals["k"][0]):
+            return {"transfer": "skipped (q/k are not plain reshapes of the projections)"}
+        masks = vals["key_mask"]
+        keep = [(m != 0) if m is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+                for m, x in zip(masks, vals["x"])]
+        samples = list(zip(vals["x"], vals["out"], keep))
+        scale = _scale(site.node, site.head_dim)
+        if self.kind == "local":
+            def attend(q, k, v, i):
+                return block_sparse_attention_blocked(q, k, v, masks[i], self.window, self.global_tokens, causal, scale)
+        else:
+            def attend(q, k, v, i, *w):
+                phi_q, phi_k = (fm.hedgehog_features(q, w[0]), fm.hedgehog_features(k, w[1])) if w else \
+                    (fm.elu_features(q), fm.elu_features(k))
+                if masks[i] is not None:
+                    phi_k = fm.mask_keys(phi_k, masks[i])
+                return linear_attention_chunked(phi_q, phi_k, v, causal, LINEAR_EPS)
+        extra = [analysis.get_attr_tensor(gm, _get_attr(gm, t)) for t in maps]
+        new, info = transfer.fit_projections(gm, site, samples, attend, extra, self.transfer_steps, self.transfer_lr)
+        for i, target in enumerate(maps):
+            new[target] = new.pop(f"extra.{i}")
+        for target, tensor in new.items():
+            set_attr_tensor(gm, target, tensor)
         return info
 
     def _to_local(self, gm, site, causal: bool, key_mask: Node | None) -> dict:
@@ -129,6 +171,35 @@ class ReplaceAttention(Pass):
         sdpa.replace_all_uses_with(out)
         gm.graph.erase_node(sdpa)
         return {}
+
+
+def _distill(gm: GraphModule, ctx: CompileContext, replaced: list[str], steps: int, lr: float) -> dict:
+    """End-to-end hidden-state distillation: the shared `passes/distill.py` (every float
+    parameter, per-layer hidden states, towards the original model) where it exists, else the
+    local minimal one (the rewritten blocks' weights, final hidden states)."""
+    try:
+        from slimformer.passes.distill import distill
+    except ImportError:
+        return {"via": "attention_distill", **distill_outputs(gm, ctx, _attention_params(gm, replaced), steps, lr)}
+    losses = distill(gm, ctx, steps, lr=lr)
+    n = max(1, min(len(ctx.calibration), len(losses)))
+    return {"via": "distill", "steps": len(losses), "loss_start": round(sum(losses[:n]) / n, 5),
+            "loss_end": round(sum(losses[-n:]) / n, 5)}
+
+
+def _get_attr(gm: GraphModule, target: str) -> Node:
+    return next(n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
+
+
+def _shared_weights(sites) -> set:
+    """Projection weights read by more than one attention site (ALBERT's shared layer): a
+    per-layer fit would overwrite one call's fit with the next's."""
+    seen, shared = set(), set()
+    for site in sites:
+        for lin in (site.q, site.k, site.v):
+            if lin is not None:
+                (shared if lin.weight_node.target in seen else seen).add(lin.weight_node.target)
+    return shared
 
 
 # -- graph helpers -----------------------------------------------------------------------------
@@ -186,14 +257,16 @@ def _capture_inputs(gm, sites, batches, key_mask: Node | None) -> dict:
     """Per SDPA node: q, k, mask (or None) per calibration batch, and the key mask input."""
     watch, role = [], {}
     for s in sites:
-        q, k = s.node.args[:2]
+        q, k, v = s.node.args[:3]
         mask = _mask_arg(s.node)
-        for name, n in (("q", q), ("k", k), ("mask", mask)):
+        lins = transfer.projections(s)
+        x = lins[0].x if lins else None
+        for name, n in (("q", q), ("k", k), ("v", v), ("mask", mask), ("x", x), ("out", s.node)):
             if isinstance(n, Node):
                 watch.append(n)
                 role.setdefault(n, []).append((s.node, name))
-    values = {s.node: {"q": [None] * len(batches), "k": [None] * len(batches),
-                       "mask": [None] * len(batches), "key_mask": []} for s in sites}
+    values = {s.node: {name: [None] * len(batches) for name in ("q", "k", "v", "mask", "x", "out")}
+              for s in sites}
 
     def on_value(node, t, b):
         for sdpa, name in role[node]:

