@@ -14,7 +14,16 @@ from slimformer.passes.attention_pipeline import attention_passes, parse_layers
 from slimformer.passes.replace_attention import ReplaceAttention
 
 pytestmark = pytest.mark.usefixtures("reference_kernels")
-SLIM_OPS = {"linear_attention", "block_sparse_attention"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """These tests run many tiny ops: with a second OpenMP thread each one waits for a core the
+    machine may not have free (60 s vs 4 s for one fit on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _run(name: str, **kw):
@@ -103,10 +112,10 @@ def test_bad_options_fail_early_with_a_hint(options, needle):
     assert needle in str(e.value) and e.value.hint
 
 
-@pytest.mark.parametrize("name, kind", [("bert", "local"), ("gpt2", "linear")])
+@pytest.mark.parametrize("name, kind", [("gpt2", "linear")])  # local: tests/cli/test_attention_cli.py
 def test_cpu_fp32_lowering_runs_longer_padded_inputs(name, kind):
-    """ONNX Runtime runs the lowered ops at a length other than the traced one, with padding,
-    and agrees with the torch graph."""
+    """ONNX Runtime runs the lowered ops (ONNX export costs ~20 s each: one kind here, the other
+    in the CLI test) at a length other than the traced one, with padding."""
     import slimformer
 
     model = FAMILIES[name].build()
