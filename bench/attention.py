@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/attention.py cpu        # ORT CPU, 512..8192 -> results/attention_cpu.json (+ .png)
     .venv/bin/python bench/attention.py fidelity   # MiniLM local / linear after recovery (merged into the JSON)
+    .venv/bin/python bench/attention.py fidelity-graph --kind local   # the pass alone, no ONNX: faster
     python bench/attention.py gpu [--dry-run]      # Triton vs torch SDPA -> results/attention_gpu_<device>.json
 
 cpu: every system is exported with torch.onnx.export(dynamo=True) and run by ONNX Runtime's CPU
@@ -226,6 +227,53 @@ def run_fidelity(seq: int = 256, recover_steps: int | None = None) -> dict:
     return out
 
 
+def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recover_steps: int,
+                       recover_lr: float, seq: int = 256) -> dict:
+    """The replace_attention pass alone on MiniLM's traced graph (no ONNX export, one torch
+    thread: minutes instead of tens of minutes on a busy 2-core machine); held-out fidelity
+    (token-level, as the report's, and of mean-pooled embeddings) before and after the
+    end-to-end step. Same calibration / held-out windows as `fidelity`."""
+    import transformers as tf
+
+    from bench.common import minilm_dir
+    from slimformer.compiler import frontend
+    from slimformer.compiler.numerics import compare, run_batches
+    from slimformer.compiler.pass_manager import CompileContext, PassManager
+    from slimformer.compiler.report import Report
+    from slimformer.passes.replace_attention import ReplaceAttention, _distill
+
+    torch.set_num_threads(1)
+    tok = tf.AutoTokenizer.from_pretrained(minilm_dir())
+    calib = long_text_batches(tok, seq, n_batches=8, batch=4)
+    held = long_text_batches(tok, seq, n_batches=2, batch=4, offset=40)
+    model = tf.AutoModel.from_pretrained(minilm_dir()).eval()
+    gm = frontend.export(model, calib[0])
+    ctx = CompileContext(model, calib, run_batches(model, calib), 0.995, {}, None, Report("probe", "MiniLM", 0.995))
+    opts = {"kind": kind, "transfer_steps": transfer_steps, "transfer_lr": transfer_lr, "recover_steps": 0}
+    if kind == "local":
+        opts.update(window=64, global_tokens=1)
+    gm = PassManager([ReplaceAttention(**opts)]).run(gm, ctx)
+    held_ref = run_batches(model, held)
+
+    def held_out():
+        outs = run_batches(gm, held)
+        pooled = []
+        for r, o, b in zip(held_ref, outs, held):
+            m = b["attention_mask"].unsqueeze(-1).float()
+            pooled += torch.nn.functional.cosine_similarity((r[0] * m).sum(1), (o[0] * m).sum(1), dim=-1).tolist()
+        return {"token": compare(held_ref, outs, held).as_dict(),
+                "pooled": {"cos_min": min(pooled), "cos_mean": sum(pooled) / len(pooled)}}
+
+    result = {"options": {**opts, "recover_steps": recover_steps, "recover_lr": recover_lr},
+              "layers": ctx.report.passes[-1].details["layers"], "after_transfer": held_out()}
+    if recover_steps:
+        ctx.reference = ctx.original_reference  # the pass manager rebased it to the rewritten graph
+        result["recover"] = _distill(gm, ctx, list(result["layers"]), recover_steps, recover_lr)
+        result["after_recover"] = held_out()
+    print(kind, json.dumps(result), flush=True)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: Triton kernels vs torch SDPA (flash), fp16
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +334,11 @@ def run_gpu(seqs, dry_run: bool = False) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["cpu", "fidelity", "gpu"])
+    p.add_argument("mode", choices=["cpu", "fidelity", "fidelity-graph", "gpu"])
+    p.add_argument("--kind", default="local", help="fidelity-graph: local | linear")
+    p.add_argument("--transfer-steps", type=int, default=100)
+    p.add_argument("--transfer-lr", type=float, default=1e-4)
+    p.add_argument("--recover-lr", type=float, default=2e-5)
     p.add_argument("--seqs", default=",".join(map(str, SEQS)))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--parts", default="op,model", help="cpu mode: op, model or both")
@@ -311,6 +363,11 @@ def main(argv=None) -> int:
         saved["latency_note"] = (f"batch 1, ORT CPU 2 threads; op: {HEADS} heads x {HEAD_DIM}; model: {LAYERS} layers, "
                                  f"hidden {HIDDEN}, FFN {FFN}, random weights; local: window {WINDOW}, {GLOBAL} global")
         saved["plot"] = "attention_cpu.png" if plot(saved["latency"], out_dir / "attention_cpu.png") else None
+    elif args.mode == "fidelity-graph":
+        os.environ.setdefault("SLIMFORMER_KERNELS", "reference")
+        res = run_fidelity_graph(args.kind, args.transfer_steps, args.transfer_lr, args.recover_steps or 0,
+                                 args.recover_lr)
+        saved.setdefault("fidelity_graph", {})[f"{args.kind}_t{args.transfer_steps}_r{args.recover_steps or 0}"] = res
     else:
         os.environ.setdefault("SLIMFORMER_KERNELS", "reference")
         saved["fidelity"] = run_fidelity(recover_steps=args.recover_steps)

@@ -7,7 +7,8 @@ Options:
   attention_layers          which attention blocks (0-based, call order): "2-5", "2,3,4,5",
                             a list of ints, or an int; default all (e.g. "2-5" keeps 0, 1 in softmax)
   attention_feature_map     linear: "hedgehog" (learned, default) | "elu"
-  attention_transfer_steps  linear: Hedgehog fitting steps per layer (default 150)
+  attention_transfer_steps  per layer: Hedgehog fit (linear), then the q/k/v projections fitted
+                            to the original attention output (BERT-style layers; default 150)
   attention_recover_steps   end-to-end distillation steps after the rewrite (default 100)
 Every option is checked here, before any model is traced.
 """
