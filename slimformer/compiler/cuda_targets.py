@@ -22,8 +22,8 @@ from slimformer.compiler.compiled_torch import TorchCompiledModel
 from slimformer.compiler.cpu_targets import lower_to_onnx
 from slimformer.compiler.targets import Target, register_target
 from slimformer.errors import SlimformerError
-from slimformer.kernels.naive import ACT_PER_TOKEN_I8
-from slimformer.passes.quantize import QMAX_FULL, QuantizeInt8
+from slimformer.kernels.naive import ACT_PER_TOKEN_I8, ACT_ROW_NORM_U8
+from slimformer.passes.quantize import QMAX_CPU, QMAX_FULL, QuantizeInt8
 from slimformer.passes.quantize_embeddings import QuantizeEmbeddings
 from slimformer.passes.quantize_int4 import QuantizeEmbeddingsInt4, QuantizeInt4
 from slimformer.passes.smooth import Smooth
@@ -73,7 +73,11 @@ def cpu_int4_pipeline(options: dict):
     emb = options.get("embeddings", CPU_INT4_EMBEDDINGS)
     if emb not in ("int8", "int4", "float"):
         raise SlimformerError(f"embeddings='{emb}' is not an option", "use int8, int4 or float")
-    passes = [_int4(options, CPU_INT4_BLOCK, cpu=True)]
+    # W4A8 quantizes activations to int8: split off the outlier channels first (no migration
+    # into the weights, which would widen the int4 ranges).
+    split = [Smooth(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, migrate=False)] \
+        if options.get("int4_compute", DEFAULT_INT4_COMPUTE) == "int8" else []
+    passes = [*split, _int4(options, CPU_INT4_BLOCK, cpu=True)]
     if emb == "int4":  # the word embedding as int4 rows; smaller tables (positions) as int8
         passes.append(QuantizeEmbeddingsInt4())
     if emb != "float":

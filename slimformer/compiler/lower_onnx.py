@@ -73,8 +73,9 @@ def int4_as_int8_matmul(x, qweight, scales, zero_points, bias, K, block_size, ch
     n, nb = qweight.shape[0], qweight.shape[1]
 
     def nibbles(packed):  # (..., L) uint8 -> (..., 2L) float codes, the low nibble first
-        p = packed.to(torch.int32)  # (plain arithmetic: uint8 bit ops export with mixed types)
-        return torch.stack((p % 16, p // 16), dim=-1).flatten(-2).float()
+        # % and // rather than & and >> (those export with mixed uint8/int8 types), and on
+        # uint8: the exporter folds small constants, and would otherwise store int32 codes.
+        return torch.stack((packed % 16, packed // 16), dim=-1).flatten(-2).float()
 
     q = nibbles(qweight).reshape(n, nb, block_size)
     zp = torch.full((n, nb, 1), 8.0) if zero_points is None else nibbles(zero_points)[:, :nb, None]

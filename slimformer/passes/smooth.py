@@ -74,6 +74,7 @@ class Smooth(Pass):
 
     name = "smooth"
     alpha: float | None = None
+    migrate: bool = True  # False: no migration into the weights, only the outlier split (int4)
     act_mode: int = ACT_PER_TENSOR_U8
     qmax: int = 127
     max_tokens: int = 2048  # the search sees this many calibration tokens (the range: all)
@@ -139,7 +140,7 @@ class Smooth(Pass):
         """The strength with the least quantized output error (None: no smoothing), and that error."""
         w_max = w_cat.abs().amax(dim=0)
         best_alpha, best_err = None, quant_error(xs, ys, w_cat, None, self.act_mode, self.qmax)
-        for a in (ALPHAS if self.alpha is None else (self.alpha,)):
+        for a in (() if not self.migrate else ALPHAS if self.alpha is None else (self.alpha,)):
             err = quant_error(xs, ys, w_cat, smoothing_scales(act_max, w_max, a), self.act_mode, self.qmax)
             if err < best_err or self.alpha is not None:
                 best_alpha, best_err = a, err

@@ -150,3 +150,18 @@ def test_outlier_channels_split_to_a_float_side_path():
     split = quant.run(result.graph_module, ctx).graph_module
     assert side[0] in split.graph.nodes  # the side path is not quantized
     assert _rel_err(split, ctx) < 0.5 * _rel_err(plain, ctx)
+
+
+def test_split_without_migration():
+    """migrate=False (the int4 targets): weights keep their ranges, outliers are still split."""
+    model = OneHotChannel().eval()
+    ctx = context(model, [_ids(i) for i in range(3)])
+    gm = frontend.export(model, ctx.calibration[0])
+    result = Smooth(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, migrate=False).run(gm, ctx)
+    assert result.details["outliers"]["fc2"]["channels"] == [7]
+    assert set(result.details["alpha"].values()) == {None}  # no strength: nothing migrated
+    assert _rel_err(result.graph_module, ctx) < 1e-5
+    w = dict(gm.named_parameters())["fc2.weight"]
+    keep = [i for i in range(128) if i != 7]  # the kept columns are the original weights
+    torch.testing.assert_close(w[:, keep], model.fc2.weight[:, keep])
+    assert (w[:, 7] == 0).all()
