@@ -55,7 +55,7 @@ class ReplaceAttention(Pass):
     transfer_steps: int = 150  # per layer: Hedgehog fit, then q/k/v projection fit
     transfer_lr: float = 1e-4
     recover_steps: int = 0  # end-to-end distillation steps after the rewrite
-    recover_lr: float = 1e-4
+    recover_lr: float = 2e-5
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         sites = analysis.find_attention(gm)
