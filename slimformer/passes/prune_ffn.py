@@ -55,7 +55,10 @@ class PruneFfn(Pass):
     fraction: float = 0.4
     multiple_of: int = 8
     min_keep: int = 8
-    allocation: str = "global"  # "global": least important over all layers; "uniform": per layer
+    # "uniform": the same share of every FFN; "global": the least important over all layers.
+    # Uniform by default: on MiniLM-L6 the global ranking, after head pruning, emptied the
+    # last FFN (1536 -> 136) and held-out fidelity fell further (pooled cos 0.87 vs 0.88).
+    allocation: str = "uniform"
     max_batches: int | None = 8  # calibration batches for the importance estimate
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:

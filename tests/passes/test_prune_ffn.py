@@ -15,14 +15,14 @@ from slimformer.passes.prune_ffn import PruneFfn
 from slimformer.passes.prune_importance import round_keep
 
 
-def prune(family: str, fraction: float, model=None):
+def prune(family: str, fraction: float, model=None, allocation: str = "uniform"):
     if model is None:
         model, _, gm0 = exported(family)
         gm = fresh_copy(gm0)
     else:
         gm = frontend.export(model, inputs(model))
     ctx = context(model, calibration(model))
-    result = PruneFfn(fraction=fraction, multiple_of=1, min_keep=1).run(gm, ctx)
+    result = PruneFfn(fraction=fraction, multiple_of=1, min_keep=1, allocation=allocation).run(gm, ctx)
     analysis.invalidate(gm)
     gm.recompile()
     return gm, result
@@ -71,8 +71,13 @@ def test_dead_neurons_go_first():
     dead = list(range(0, 128, 4))  # 32 neurons of layer 0 whose output is never read
     with torch.no_grad():
         model.encoder.layer[0].output.dense.weight[:, dead] = 0
-    _, result = prune("bert", 32 / 256, model)
+    _, result = prune("bert", 32 / 256, model, allocation="global")
     assert result.details["removed_neurons"] == {"encoder.layer.0": dead}
+
+
+def test_uniform_allocation_cuts_every_layer_alike():
+    _, result = prune("bert", 0.25)
+    assert [len(v) for v in result.details["removed_neurons"].values()] == [32, 32]
 
 
 def test_round_keep_adds_back_the_best_removed():
