@@ -166,3 +166,38 @@ def test_dump_ir_writes_graph_after_each_changing_pass(graph, tmp_path):
     assert files == ["00_input.txt", "02_scale_weight.txt"]
     text = (dump / "02_scale_weight.txt").read_text()
     assert "aten.linear" in text and "def forward" in text
+
+
+@dataclass
+class StructuralScale(Pass):
+    """A stand-in for a pruning pass: it changes what the model computes, on purpose."""
+
+    name = "structural_scale"
+    rebases_reference = True
+    factor: float = 5.0
+
+    def run(self, gm, ctx):
+        site = next(s for s in analysis.find_linears(gm) if "intermediate" in s.path)
+        set_attr_tensor(gm, site.weight_node.target, site.weight(gm) * self.factor)
+        return PassResult(gm, True, f"scaled {site.path}")
+
+
+class MeasureOnly(Pass):
+    """Records the fidelity a later pass sees (its budget's reference) and changes nothing."""
+
+    name = "measure_only"
+    seen: list = []
+
+    def run(self, gm, ctx):
+        MeasureOnly.seen.append(ctx.fidelity(gm).cos_min)
+        return PassResult(gm, False, "measured")
+
+
+def test_structural_pass_rebases_the_budget_reference_not_the_report(graph):
+    gm, ctx = graph
+    MeasureOnly.seen = []
+    PassManager([StructuralScale(), MeasureOnly(), ScaleWeight(factor=1.0)]).run(gm, ctx)
+    assert MeasureOnly.seen[0] > 0.99999  # later passes compare with the rebased graph ...
+    structural, _, unchanged = ctx.report.passes
+    assert structural.fidelity["cos_min"] < 0.999  # ... the report with the original model
+    assert unchanged.fidelity["cos_min"] == pytest.approx(structural.fidelity["cos_min"], abs=1e-6)
