@@ -130,11 +130,11 @@ class Smooth(Pass):
             self._apply(gm, x, sites, s, folds.get(sites[0].node))
             chosen[", ".join(site.path for site in sites)] = best_alpha
         gm.recompile()
-        n = len(chosen)
+        n = sum(1 for a in chosen.values() if a is not None)  # (a split alone migrates nothing)
         summary = f"{n}/{len(groups)} input groups smoothed"
         if split:
             summary += f", outlier channels split off in {len(split)}"
-        return PassResult(gm, n > 0, summary, {"alpha": chosen, "skipped": skipped, "outliers": split})
+        return PassResult(gm, bool(chosen), summary, {"alpha": chosen, "skipped": skipped, "outliers": split})
 
     def _search(self, xs, ys, w_cat, act_max) -> tuple[float | None, float]:
         """The strength with the least quantized output error (None: no smoothing), and that error."""
