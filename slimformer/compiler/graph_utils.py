@@ -62,18 +62,27 @@ def remove_unused_attrs(gm: GraphModule) -> None:
     gm.recompile()
 
 
+class _StopForward(Exception):
+    """Raised by the last probe of a stop_early capture: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
-def capture(gm: GraphModule, nodes: list[Node], batches: list[dict], on_value) -> None:
+def capture(gm: GraphModule, nodes: list[Node], batches: list[dict], on_value, stop_early: bool = False) -> None:
     """Runs the graph on `batches`, calling on_value(node, tensor, batch_index) for each node.
 
-    Temporary recording nodes are inserted after the watched nodes and removed again.
+    Temporary recording nodes are inserted after the watched nodes and removed again. With
+    stop_early each forward ends right after the last watched node (in graph order).
     """
     probes = []
     current = {"batch": 0}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max(nodes, key=lambda n: order[n]) if nodes else None
 
     def make_probe(watched: Node):
         def probe(t):
             on_value(watched, t, current["batch"])
+            if stop_early and watched is last:
+                raise _StopForward
             return t
         return probe
 
@@ -84,7 +93,8 @@ def capture(gm: GraphModule, nodes: list[Node], batches: list[dict], on_value) -
     try:
         for i, b in enumerate(batches):
             current["batch"] = i
-            gm(**b)
+            with contextlib.suppress(_StopForward):
+                gm(**b)
     finally:
         for p in probes:
             gm.graph.erase_node(p)

@@ -29,6 +29,16 @@ def int8_embedding(ids: torch.Tensor, table_q: torch.Tensor, scales: torch.Tenso
     return torch.nn.functional.embedding(ids, table_q).float() * torch.nn.functional.embedding(ids, scales)
 
 
+def float_embedding_tables(gm: GraphModule, min_rows: int):
+    """(embedding node, its constant float table) for each table of at least `min_rows` rows."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.embedding.default:
+            continue
+        table = get_attr_tensor(gm, node.args[0])
+        if table is not None and table.shape[0] >= min_rows and table.is_floating_point():
+            yield node, table  # (padding_idx, args[2], only matters for gradients)
+
+
 @register_pass
 @dataclass
 class QuantizeEmbeddings(Pass):
@@ -37,14 +47,7 @@ class QuantizeEmbeddings(Pass):
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         done = {}
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target != aten.embedding.default:
-                continue
-            table = get_attr_tensor(gm, node.args[0])
-            if table is None or table.shape[0] < self.min_rows or not table.is_floating_point():
-                continue
-            if len(node.args) > 2 and node.args[2] not in (-1, None):
-                pass  # padding_idx only matters for gradients
+        for node, table in float_embedding_tables(gm, self.min_rows):
             q, s = quantize_rows_int8(table)
             tq = add_constant(gm, f"{node.args[0].target}_int8", q, node)
             ts = add_constant(gm, f"{node.args[0].target}_scale", s, node)

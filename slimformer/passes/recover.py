@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 from slimformer.compiler import analysis
 from slimformer.compiler.analysis import LinearSite, get_attr_tensor
 from slimformer.compiler.blocks import find_ffns
-from slimformer.compiler.graph_utils import set_attr_tensor
+from slimformer.compiler.graph_utils import capture, set_attr_tensor
 from slimformer.compiler.numerics import batch_mask, compare, run_batches
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.passes.prune_report import note_after, original_graph
@@ -90,41 +90,15 @@ def residual_add(site: LinearSite) -> tuple[Node, Node] | None:
     return None
 
 
-class _Stop(Exception):
-    """Raised by the last probe: the rest of the forward is not needed."""
-
-
-@torch.no_grad()
 def capture_values(gm: GraphModule, nodes: list[Node], batches: list[dict], stop_early: bool = True) -> dict:
     """{(node name, batch index): value} of `nodes` over `batches`; with stop_early each
     forward ends right after the last of them."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    last = max(nodes, key=lambda n: order[n])
-    values, current, probes = {}, {"batch": 0}, []
+    values = {}
 
-    def make_probe(watched):
-        def probe(t):
-            values[(watched.name, current["batch"])] = t.detach().float()
-            if stop_early and watched is last:
-                raise _Stop
-            return t
-        return probe
+    def record(n, t, i):
+        values[(n.name, i)] = t.detach().float()
 
-    for n in nodes:
-        with gm.graph.inserting_after(n):
-            probes.append(gm.graph.call_function(make_probe(n), (n,)))
-    gm.recompile()
-    try:
-        for i, b in enumerate(batches):
-            current["batch"] = i
-            try:
-                gm(**b)
-            except _Stop:
-                pass
-    finally:
-        for p in probes:
-            gm.graph.erase_node(p)
-        gm.recompile()
+    capture(gm, nodes, batches, record, stop_early=stop_early)
     return values
 
 
