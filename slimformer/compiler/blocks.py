@@ -97,11 +97,12 @@ def _find_ffns(gm: GraphModule) -> list[FfnSite]:
         if any(user not in private for u in ups for user in u.node.users):
             continue
         paths = [down.path] + [u.path for u in ups]
-        sites.append(FfnSite(down, ups, _common_prefix(paths), inner))
+        sites.append(FfnSite(down, ups, common_prefix(paths), inner))
     return sites
 
 
-def _common_prefix(paths: list[str]) -> str:
+def common_prefix(paths: list[str]) -> str:
+    """The longest dotted module path all `paths` start with."""
     parts = [p.split(".") for p in paths]
     out = []
     for items in zip(*parts):

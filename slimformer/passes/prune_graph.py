@@ -45,26 +45,23 @@ def weight_dims(kind: str) -> tuple[int, int]:
     return (0, 1) if kind == "linear" else (1, 0)
 
 
-def ancestors(nodes: list[Node]) -> set[Node]:
+def _closure(nodes: list[Node], step) -> set[Node]:
     seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        stack.extend(step(n))
     return seen
+
+
+def ancestors(nodes: list[Node]) -> set[Node]:
+    return _closure(nodes, lambda n: n.all_input_nodes)
 
 
 def descendants(nodes: list[Node]) -> set[Node]:
-    seen, stack = set(), list(nodes)
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.users)
-    return seen
+    return _closure(nodes, lambda n: n.users)
 
 
 def block_region(seeds: list[Node], sink_input: Node, prefix: str) -> set[Node]:

@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Node
 
 from slimformer.compiler import analysis
 from slimformer.compiler.analysis import AttentionSite, LinearSite
+from slimformer.compiler.blocks import common_prefix
 from slimformer.compiler.coupling import cut_groups, linear_unit
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.errors import SlimformerError
@@ -71,12 +72,12 @@ def plan_heads(gm: GraphModule, site: AttentionSite) -> tuple[HeadPlan | None, s
     if fused is not None:
         if hkv != h or fused.out_features != 3 * h * d:
             return None, "fused qkv projection with an unexpected layout"
-        return HeadPlan(site, [], [], fused, site.o, _prefix([fused.path, site.o.path])), ""
+        return HeadPlan(site, [], [], fused, site.o, common_prefix([fused.path, site.o.path])), ""
     if site.q is None or site.k is None or site.v is None:
         return None, "q/k/v projections not found"
     if site.q.out_features != h * d or site.k.out_features != hkv * d or site.v.out_features != hkv * d:
         return None, "q/k/v widths do not match the head layout"
-    prefix = _prefix([site.q.path, site.k.path, site.v.path, site.o.path])
+    prefix = common_prefix([site.q.path, site.k.path, site.v.path, site.o.path])
     extras = _extra_per_head_linears(gm, site, prefix, h * d)
     return HeadPlan(site, [site.q, *extras], [site.k, site.v], None, site.o, prefix), ""
 
@@ -91,16 +92,6 @@ def _extra_per_head_linears(gm: GraphModule, site: AttentionSite, prefix: str, w
     return [s for s in analysis.find_linears(gm)
             if s.node not in known and s.node in feeding and s.node not in earlier
             and s.path.startswith(prefix + ".") and s.out_features == width]
-
-
-def _prefix(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for items in zip(*parts):
-        if len(set(items)) != 1:
-            break
-        out.append(items[0])
-    return ".".join(out)
 
 
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
