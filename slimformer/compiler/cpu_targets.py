@@ -23,12 +23,14 @@ def lower_to_onnx(target_name: str):
 
 
 def cpu_int8_pipeline(options: dict):
-    alpha = options.get("smooth_alpha")
+    # Activations per tensor (DynamicQuantizeMatMul alone), the smoothing fitted to that; the
+    # input groups the budget needs it for get per-token (row-normalised) activations. On
+    # MiniLM per-tensor everywhere met the budget once smoothed and split: ~10% faster than
+    # per-token everywhere, at the same held-out fidelity.
     return [
-        Smooth(alpha=alpha, act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU),
-        QuantizeInt8(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, gptq=options.get("gptq", True),
-                     sensitivity=options.get("sensitivity", True),
-                     auto_act_modes=options.get("act_modes", [ACT_PER_TENSOR_U8, ACT_ROW_NORM_U8])),
+        Smooth(alpha=options.get("smooth_alpha"), act_mode=ACT_PER_TENSOR_U8, qmax=QMAX_CPU),
+        QuantizeInt8(act_mode=ACT_PER_TENSOR_U8, sensitive_act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU,
+                     gptq=options.get("gptq", True), sensitivity=options.get("sensitivity", True)),
         QuantizeEmbeddings(),
     ]
 
@@ -36,5 +38,5 @@ def cpu_int8_pipeline(options: dict):
 register_target(Target("cpu-fp32", "cpu", "float32 ONNX for ONNX Runtime", lambda o: [],
                        lower_to_onnx("cpu-fp32")))
 register_target(Target("cpu-int8", "cpu",
-                       "int8 weights (GPTQ, SmoothQuant), per-token dynamic int8 activations, int8 embeddings",
+                       "int8 weights (GPTQ, SmoothQuant), dynamic int8 activations (per token where needed), int8 embeddings",
                        cpu_int8_pipeline, lower_to_onnx("cpu-int8")))

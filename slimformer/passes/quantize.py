@@ -112,7 +112,9 @@ class _Swap:
 @register_pass
 @dataclass
 class QuantizeInt8(Pass):
-    """Options: act_mode (0 CPU/ORT, 1 GPU/Triton); sensitivity analysis on/off; exclude paths."""
+    """Options: act_mode (the activation quantizer for every layer); sensitive_act_mode (a
+    better, costlier one for the layers the budget needs it for); sensitivity analysis on/off;
+    exclude paths."""
 
     name = "quantize_int8"
     act_mode: int = 0
@@ -121,89 +123,51 @@ class QuantizeInt8(Pass):
     sensitivity: bool = True
     max_float_fraction: float = 0.25
     sensitivity_batches: int = 2  # per-layer errors are ranked on a subset, the budget on all
-    # Per input group, pick among these activation modes: the first (cheapest) unless a later
-    # one cuts the calibration output error by `auto_margin`x. Empty: act_mode everywhere.
-    auto_act_modes: list[int] = field(default_factory=list)
+    # Tier 0 of the sensitivity analysis: before any layer goes to float compute, the most
+    # sensitive input groups switch to this activation mode (on the CPU, per-token via row
+    # normalisation: four elementwise ops around the matmul, far cheaper than float compute).
+    sensitive_act_mode: int | None = None
     # Try full 8-bit weights before float compute for sensitive layers. Off by default: on
     # MiniLM it met the budget on calibration text but not on held-out text (min cosine 0.982
     # vs 0.997 with float compute): int8 activations stay the weak point of those layers.
     wide_tier: bool = False
-    auto_margin: float = 1.5
-    auto_tokens: int = 2048
     exclude: list[str] = field(default_factory=list)
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         sites = [s for s in analysis.find_linears(gm) if not any(e in s.path for e in self.exclude)]
         if not sites:
             return PassResult(gm, False, "no linear layers found")
-        weights, samples = self._quantized_weights(gm, ctx, sites)
-        modes = self._choose_act_modes(gm, sites, weights, samples)
-        swaps = [_Swap(gm, s, modes[s.x], w) for s, w in zip(sites, weights)]
+        weights = self._quantized_weights(gm, ctx, sites)
+        swaps = [_Swap(gm, s, self.act_mode, w) for s, w in zip(sites, weights)]
         gm.recompile()
         float_layers: dict[str, str] = {f"{e}*": "excluded by option" for e in self.exclude}
+        modes = {w.site.path: w.act_mode for w in swaps}
         if self.sensitivity:
-            float_layers.update(self._keep_sensitive_in_float(gm, ctx, swaps))
+            float_layers.update(self._protect_sensitive(gm, ctx, swaps, modes))
         remove_unused_attrs(gm)
         if ctx.report is not None:
             ctx.report.float_layers.update(float_layers)
         n_int8 = len(swaps) - sum(1 for p in float_layers if not p.endswith("*"))
-        per_token = sum(1 for w in swaps if w.act_mode != naive.ACT_PER_TENSOR_U8)
         summary = f"{n_int8}/{len(swaps)} linears -> int8"
-        if self.auto_act_modes:
-            summary += f", {per_token} with per-token activations"
-        return PassResult(gm, True, summary, {"float_layers": float_layers,
-                          "act_modes": {w.site.path: w.act_mode for w in swaps}})
+        upgraded = sum(1 for p, m in modes.items() if m != self.act_mode and p not in float_layers)
+        if self.sensitive_act_mode is not None:
+            summary += f", {upgraded} with per-token activations"
+        return PassResult(gm, True, summary, {"float_layers": float_layers, "act_modes": modes})
 
-    def _quantized_weights(self, gm, ctx, sites) -> tuple[list, dict]:
-        """Per site (int8 weight, scales): GPTQ from calibration inputs, or round-to-nearest;
-        and per input node a sample of calibration batches for choosing activation modes."""
+    def _quantized_weights(self, gm, ctx, sites) -> list:
+        """Per site (int8 weight, scales): GPTQ from calibration inputs, or round-to-nearest."""
+        if not self.gptq:
+            return [quantize_weight_int8(s.weight(gm), self.qmax) for s in sites]
         inputs = list(dict.fromkeys(s.x for s in sites))
         hessians = {x: HessianAccumulator() for x in inputs}
-        samples: dict = {x: [] for x in inputs}
-        need_samples = len(self.auto_act_modes) > 1
-
-        def record(n, t, i):
-            if self.gptq:
-                hessians[n].add(t.float())
-            if need_samples and sum(x.numel() // x.shape[-1] for x in samples[n]) < self.auto_tokens:
-                samples[n].append(t.detach().float())
-
-        if self.gptq or need_samples:
-            capture(gm, inputs, ctx.calibration, record)
-        if not self.gptq:
-            return [quantize_weight_int8(s.weight(gm), self.qmax) for s in sites], samples
+        capture(gm, inputs, ctx.calibration, lambda n, t, i: hessians[n].add(t.float()))
         self._hessians = hessians
         task = _progress_task(ctx, "GPTQ int8", len(sites))
         out = []
         for s in sites:
             out.append(gptq_weight_int8(s.weight(gm), hessians[s.x].hessian(), self.qmax))
             _advance(ctx, task)
-        return out, samples
-
-    def _choose_act_modes(self, gm, sites, weights, samples) -> dict:
-        """Input node -> act_mode. Row-normalised (per-token) activations cost a few elementwise
-        ops; after a LayerNorm rows are alike and per-tensor does as well, so measure."""
-        groups: dict = {}
-        for s, w in zip(sites, weights):
-            groups.setdefault(s.x, []).append((s, w))
-        if len(self.auto_act_modes) < 2:
-            return {x: self.act_mode for x in groups}
-        chosen = {}
-        for x, members in groups.items():
-            errs = []
-            for mode in self.auto_act_modes:
-                err = 0.0
-                for t in samples[x]:
-                    for s, (q, sc) in members:
-                        ref = torch.nn.functional.linear(t, s.weight(gm).float())
-                        err += (ref - naive.int8_linear_ref(t, q, sc, None, mode)).pow(2).sum().item()
-                errs.append(err)
-            best = 0
-            for i in range(1, len(errs)):
-                if errs[i] * self.auto_margin < errs[best]:
-                    best = i
-            chosen[x] = self.auto_act_modes[best]
-        return chosen
+        return out
 
     def _requantize(self, gm, site, qmax: int):
         h = getattr(self, "_hessians", {}).get(site.x)
@@ -211,10 +175,12 @@ class QuantizeInt8(Pass):
             return gptq_weight_int8(site.weight(gm), h.hessian(), qmax)
         return quantize_weight_int8(site.weight(gm), qmax)
 
-    def _keep_sensitive_in_float(self, gm, ctx, swaps: list[_Swap]) -> dict[str, str]:
+    def _protect_sensitive(self, gm, ctx, swaps: list[_Swap], modes: dict) -> dict[str, str]:
+        """Meet the fidelity budget at the least run-time cost: the most sensitive input groups
+        first get the better activation quantizer, then (still short) single layers go to
+        float compute. Updates `modes`; returns the layers kept in float, with the reason."""
         budget = ctx.fidelity_budget
-        fid = ctx.fidelity(gm)
-        if fid.ok(budget):
+        if ctx.fidelity(gm).ok(budget):
             return {}
         # Error each layer adds on its own: quantize it alone, measure end to end.
         task = _progress_task(ctx, "sensitivity", len(swaps))
@@ -228,10 +194,12 @@ class QuantizeInt8(Pass):
             errors.append(1.0 - ctx.fidelity(gm, self.sensitivity_batches).cos_min)
             s2.undo()
             _advance(ctx, task)
-        order = sorted(range(len(swaps)), key=lambda i: -errors[i])
         live = {i: _Swap(gm, swaps[i].site, swaps[i].act_mode, swaps[i].weights) for i in range(len(swaps))}
         gm.recompile()
+        if self._upgrade_activations(gm, ctx, live, errors, modes):
+            return {}
         kept: dict[str, str] = {}
+        order = sorted(range(len(swaps)), key=lambda i: -errors[i])
         limit = max(1, int(self.max_float_fraction * len(swaps)))
         # Tier 1: full 8-bit weights (|w| <= 127) for the most sensitive layers. On the CPU they
         # run as u8 x u8 (exact on every CPU, ~1.3x an s8 matmul, still ~1.5x faster than float).
@@ -253,6 +221,26 @@ class QuantizeInt8(Pass):
             if ctx.fidelity(gm).ok(budget):
                 break
         return kept
+
+    def _upgrade_activations(self, gm, ctx, live: dict, errors: list[float], modes: dict) -> bool:
+        """Tier 0: switch whole input groups (q/k/v share one quantized input) to
+        `sensitive_act_mode`, the worst group first, until the budget is met."""
+        mode = self.sensitive_act_mode
+        if mode is None or mode == self.act_mode:
+            return False
+        groups: dict = {}
+        for i, s in live.items():
+            groups.setdefault(s.site.x, []).append(i)
+        for members in sorted(groups.values(), key=lambda m: -max(errors[i] for i in m)):
+            for i in members:
+                s = live[i]
+                s.undo()
+                live[i] = _Swap(gm, s.site, mode, s.weights)
+                modes[s.site.path] = mode
+            gm.recompile()
+            if ctx.fidelity(gm).ok(ctx.fidelity_budget):
+                return True
+        return False
 
 
 def _progress_task(ctx: CompileContext, what: str, total: int):

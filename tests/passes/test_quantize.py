@@ -8,7 +8,7 @@ import torch
 from models import calibration, context, exported, fresh_copy, inputs, token_cosines
 
 from slimformer.compiler import analysis, frontend
-from slimformer.kernels.naive import ACT_ROW_NORM_U8
+from slimformer.kernels.naive import ACT_PER_TENSOR_U8, ACT_ROW_NORM_U8
 from slimformer.passes.int4_algorithms import HessianAccumulator
 from slimformer.passes.quantize import (
     QMAX_CPU,
@@ -101,6 +101,53 @@ def test_sensitivity_keeps_layers_in_float_for_a_tight_budget():
     assert _targets(gm).count(INT8_LINEAR) == n - len(kept)
     assert result.summary == f"{n - len(kept)}/{n} linears -> int8"
     assert torch.ops.aten.linear.default not in _targets(gm)  # kept layers store int8 weights too
+
+
+class Branchy(torch.nn.Module):
+    """Token rows of very different scales (per-tensor activations crush the small ones), and
+    one input read by two linears (a quantizer group, as q/k/v are)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 16)
+        with torch.no_grad():
+            self.emb.weight.mul_(torch.logspace(-2, 1, 50)[torch.randperm(50)][:, None])
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(16, 32)
+        self.c = torch.nn.Linear(32, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.emb(input_ids)
+        return self.c(self.a(h) * torch.sigmoid(self.b(h)))
+
+
+def test_sensitive_groups_get_per_token_activations_before_float():
+    model = Branchy().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 50, (4, 8), generator=g)} for _ in range(2)]
+    traced = frontend.export(model, batches[0])
+
+    def fidelity(mode):
+        gm = fresh_copy(traced)
+        ctx = context(model, batches)
+        QuantizeInt8(act_mode=mode, qmax=QMAX_CPU, gptq=False, sensitivity=False).run(gm, ctx)
+        return ctx.fidelity(gm).cos_min
+
+    per_tensor, per_token = fidelity(ACT_PER_TENSOR_U8), fidelity(ACT_ROW_NORM_U8)
+    assert per_token > per_tensor + 1e-4  # else this model cannot tell the tiers apart
+    gm = fresh_copy(traced)
+    ctx = context(model, batches, budget=(per_tensor + per_token) / 2)
+    result = QuantizeInt8(act_mode=ACT_PER_TENSOR_U8, sensitive_act_mode=ACT_ROW_NORM_U8,
+                          qmax=QMAX_CPU, gptq=False).run(gm, ctx)
+    assert result.details["float_layers"] == {}  # per-token sufficed: nothing in float
+    modes = result.details["act_modes"]
+    assert modes["a"] == modes["b"]  # one shared input, one quantizer
+    upgraded = [p for p, m in modes.items() if m == ACT_ROW_NORM_U8]
+    assert 0 < len(upgraded) < len(modes)
+    assert result.summary == f"3/3 linears -> int8, {len(upgraded)} with per-token activations"
+    assert ctx.fidelity(gm).ok(ctx.fidelity_budget)
+    acts = [n.args[4] for n in gm.graph.nodes if n.target == INT8_LINEAR]
+    assert sorted(acts) == sorted(modes.values())
 
 
 def test_sensitivity_off_and_exclude():
