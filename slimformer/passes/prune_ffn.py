@@ -1,7 +1,12 @@
 """prune_ffn: removes a global fraction of FFN neurons, physically.
 
-Importance: Fisher information of a per-neuron gate on the down projection's input (see
-prune_importance). A cut removes rows of the up projection(s) (SwiGLU's gate and up) and
+Selection, `method`:
+- "obs" (default): layer by layer, the neurons whose removal the down projection's remaining
+  columns can best make up for on calibration activations, with that update applied (see
+  prune_obs). The same share of every FFN.
+- "fisher": Fisher information of a per-neuron gate on the down projection's input (see
+  prune_importance), per layer ("uniform") or over all layers ("global").
+A cut removes rows of the up projection(s) (SwiGLU's gate and up) and
 columns of the down projection, and rewrites the width the export wrote into views (GPT-2's
 Conv1D reshapes). Each FFN keeps at least `min_keep` neurons, rounded to a multiple of
 `multiple_of` (GEMM-friendly widths on CPU).
@@ -14,8 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
+from slimformer.compiler.analysis import get_attr_tensor
 from slimformer.compiler.blocks import FfnSite, find_ffns
 from slimformer.compiler.coupling import cut_groups, linear_unit
+from slimformer.compiler.graph_utils import set_attr_tensor
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.passes import prune_graph as pg
 from slimformer.passes.prune_importance import (
@@ -25,6 +32,7 @@ from slimformer.passes.prune_importance import (
     select_global,
     select_uniform,
 )
+from slimformer.passes.prune_obs import input_hessian, obs_select
 from slimformer.passes.prune_report import note_after, note_before
 
 
@@ -59,7 +67,9 @@ class PruneFfn(Pass):
     # Uniform by default: on MiniLM-L6 the global ranking, after head pruning, emptied the
     # last FFN (1536 -> 136) and held-out fidelity fell further (pooled cos 0.87 vs 0.88).
     allocation: str = "uniform"
-    max_batches: int | None = 8  # calibration batches for the importance estimate
+    method: str = "obs"  # "obs" (uniform, with weight updates) or "fisher"
+    damp: float = 0.01  # obs: ridge on the activations' second moment, times its mean diagonal
+    max_batches: int | None = 8  # calibration batches for the Fisher estimate (obs uses all)
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         sites = find_ffns(gm)
@@ -79,25 +89,39 @@ class PruneFfn(Pass):
         if not groups or self.fraction <= 0:
             note_after(ctx, gm, self.name, {}, skipped)
             return PassResult(gm, False, "no FFN could be cut", {"skipped": skipped})
-        scores = self._group_scores(gm, ctx, sites, groups)
-        min_keep = min(self.min_keep, min(len(s) for s in scores))
-        keep = select_uniform(scores, self.fraction, min_keep) if self.allocation == "uniform" \
-            else select_global(scores, self.fraction, min_keep=min_keep)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        groups.sort(key=lambda g: min(order[sites[i].down.node] for i in g))
+        obs = self.method == "obs"
+        if obs:
+            keep = [None] * len(groups)
+        else:
+            scores = self._group_scores(gm, ctx, sites, groups)
+            min_keep = min(self.min_keep, min(len(s) for s in scores))
+            keep = select_uniform(scores, self.fraction, min_keep) if self.allocation == "uniform" \
+                else select_global(scores, self.fraction, min_keep=min_keep)
         done: set[str] = set()
         per_layer, removed, total, removed_neurons = {}, 0, 0, {}
-        for members, kept, score in zip(groups, keep, scores):
+        task = ctx.progress.add_task("FFN selection (OBS)", total=len(groups)) if obs and ctx.progress else None
+        for gi, members in enumerate(groups):
             width = sites[members[0]].width
-            kept = round_keep(kept, score, width, self.multiple_of)
             total += width
+            if obs:
+                kept = self._obs_group(gm, ctx, [sites[i] for i in members])
+                task is not None and ctx.progress.advance(task)
+            else:
+                kept = round_keep(keep[gi], scores[gi], width, self.multiple_of)
             if len(kept) == width:
                 continue
             for i in members:
                 apply_ffn_cut(gm, sites[i], kept, done)
+            gm.recompile()
             removed += width - len(kept)
             calls = f" (shared by {len(members)} calls)" if len(members) > 1 else ""
             path = sites[members[0]].path
             per_layer[path] = f"FFN {width} -> {len(kept)} neurons{calls}"
             removed_neurons[path] = sorted(set(range(width)) - set(kept.tolist()))
+        if task is not None:
+            ctx.progress.remove_task(task)
         if not per_layer:
             note_after(ctx, gm, self.name, {}, skipped)
             return PassResult(gm, False, "fraction too small to remove a neuron", {"skipped": skipped})
@@ -106,6 +130,25 @@ class PruneFfn(Pass):
         note_after(ctx, gm, self.name, per_layer, skipped)
         return PassResult(gm, True, f"removed {removed}/{total} FFN neurons",
                           {"per_layer": per_layer, "skipped": skipped, "removed_neurons": removed_neurons})
+
+    def _obs_group(self, gm, ctx, calls: list[FfnSite]) -> torch.Tensor:
+        """Kept neurons of one FFN (all its calls), chosen by OBS; the down projection's
+        weight gets the OBS update of its remaining columns."""
+        site, width = calls[0], calls[0].width
+        n_keep = max(width - int(self.fraction * width + 1e-9), min(self.min_keep, width))
+        n_keep = min(width, -(-n_keep // self.multiple_of) * self.multiple_of)
+        if n_keep >= width:
+            return torch.arange(width)
+        nodes = [gate_point(s.down.node.args[1] if s.down.kind == "addmm" else s.down.x) for s in calls]
+        h, tokens = input_hessian(gm, nodes, ctx.calibration, width)
+        w_attr = get_attr_tensor(gm, site.down.weight_node)
+        w = w_attr if site.down.kind == "linear" else w_attr.T  # (N, K)
+        if tokens == 0:
+            return torch.arange(width)
+        kept, w_new = obs_select(h, w, n_keep, damp=self.damp)
+        set_attr_tensor(gm, site.down.weight_node.target,
+                        w_new.contiguous() if site.down.kind == "linear" else w_new.T.contiguous())
+        return kept
 
     def _group_scores(self, gm, ctx, sites, groups) -> list[torch.Tensor]:
         live = [i for g in groups for i in g]

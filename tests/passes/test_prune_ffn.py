@@ -11,18 +11,21 @@ from transformers.pytorch_utils import Conv1D
 from slimformer.compiler import analysis, frontend
 from slimformer.compiler.analysis import get_attr_tensor
 from slimformer.compiler.blocks import find_ffns
+from slimformer.compiler.numerics import compare, run_batches
 from slimformer.passes.prune_ffn import PruneFfn
 from slimformer.passes.prune_importance import round_keep
+from slimformer.passes.prune_obs import obs_select
 
 
-def prune(family: str, fraction: float, model=None, allocation: str = "uniform"):
+def prune(family: str, fraction: float, model=None, allocation: str = "uniform", method: str = "fisher"):
     if model is None:
         model, _, gm0 = exported(family)
         gm = fresh_copy(gm0)
     else:
         gm = frontend.export(model, inputs(model))
     ctx = context(model, calibration(model))
-    result = PruneFfn(fraction=fraction, multiple_of=1, min_keep=1, allocation=allocation).run(gm, ctx)
+    result = PruneFfn(fraction=fraction, multiple_of=1, min_keep=1, allocation=allocation,
+                      method=method).run(gm, ctx)
     analysis.invalidate(gm)
     gm.recompile()
     return gm, result
@@ -84,3 +87,27 @@ def test_round_keep_adds_back_the_best_removed():
     score = torch.tensor([5.0, 0.1, 3.0, 0.2, 0.3, 4.0, 0.0, 1.0])
     keep = round_keep(torch.tensor([0, 2, 5]), score, 8, 4)
     assert keep.tolist() == [0, 2, 5, 7]  # neuron 7 (1.0) is the best of the removed
+
+
+def test_obs_select_removes_redundant_columns_without_loss():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base[:, :2] @ torch.randn(2, 2, generator=g, dtype=torch.float64)], 1)  # 2 redundant
+    w = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    kept, w2 = obs_select(x.T @ x, w, 6, damp=1e-10)
+    assert len(kept) == 6 and set(range(2, 6)) <= set(kept.tolist())  # the independent ones stay
+    assert torch.allclose(x @ w2.double().T, x @ w.T, atol=1e-4)  # the others absorbed the loss
+    assert (w2[:, [j for j in range(8) if j not in kept.tolist()]] == 0).all()
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "albert"])
+def test_obs_pruning_beats_fisher_on_calibration(family):
+    def cos(method):
+        model, _, gm0 = exported(family)
+        gm = fresh_copy(gm0)
+        ctx = context(model, calibration(model))
+        PruneFfn(fraction=0.5, multiple_of=1, min_keep=1, method=method).run(gm, ctx)
+        gm.recompile()
+        return compare(ctx.reference, run_batches(gm, ctx.calibration), ctx.calibration).cos_mean
+
+    assert cos("obs") > cos("fisher")

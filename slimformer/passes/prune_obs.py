@@ -1,0 +1,75 @@
+"""Layer-wise structured pruning with optimal brain surgeon (OBS) updates, for FFN neurons.
+
+For one FFN, X (tokens, K) is the input of its down projection on calibration text and W
+(N, K) the down projection's weight. Removing neuron j and re-solving the least squares
+min ||X W'^T - X W^T|| over the others costs  ||W[:, j]||^2 / [H^-1]_jj  (H = X^T X), and the
+best update of the remaining columns is  W -= W[:, j] H^-1[j, :] / H^-1[j, j]  (Hassibi & Stork
+1993; structured, as in Kurtic et al. 2023's ZipLM). Neurons are removed greedily, a few at a
+time (block OBS), with H^-1 downdated after each removal: selection and reconstruction minimise the same
+layer-output error, which a gradient score followed by a separate refit does not.
+
+FFNs are pruned in execution order, each on activations that already see the earlier cuts
+and their updates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from slimformer.compiler.graph_utils import capture
+from slimformer.compiler.numerics import batch_mask
+
+
+def input_hessian(gm: GraphModule, nodes: list[Node], batches: list[dict], width: int) -> tuple[torch.Tensor, int]:
+    """(X^T X over the real tokens of `batches` at every node in `nodes`, float64; tokens).
+    A node's value is (..., width); padding tokens are left out where the mask lines up."""
+    h = torch.zeros(width, width, dtype=torch.float64)
+    count = [0]
+
+    def record(_node, t, i):
+        x = t.detach().reshape(-1, width)
+        m = batch_mask(batches[i])
+        if m is not None and m.numel() == x.shape[0]:
+            x = x[m.reshape(-1).bool()]
+        h.add_((x.float().T @ x.float()).double())
+        count[0] += x.shape[0]
+
+    capture(gm, nodes, batches, record, stop_early=True)
+    return h, count[0]
+
+
+@torch.no_grad()
+def obs_select(h: torch.Tensor, w: torch.Tensor, n_keep: int, damp: float = 0.01,
+               rounds: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy OBS removal of input columns of w (N, K) down to n_keep, for inputs with
+    second moment h (K, K). damp: added to the diagonal, times its mean. rounds: the removals
+    are made in at most this many steps, each taking the lowest-cost columns together with
+    the joint (block) update. Returns (sorted kept indices, updated w (N, K) with the removed
+    columns zero). Pure function."""
+    k = h.shape[0]
+    h = h.double().clone()
+    dead = h.diagonal() <= 0
+    h.diagonal().add_(damp * h.diagonal().mean().clamp(min=1e-12))
+    h[dead, dead] = 1.0
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    w = w.double().clone()
+    alive = torch.ones(k, dtype=torch.bool)
+    n_remove = max(k - n_keep, 0)
+    chunk = max(1, -(-n_remove // max(rounds, 1)))
+    while n_remove > 0:
+        c = min(chunk, n_remove)
+        score = w.pow(2).sum(0) / hinv.diagonal().clamp(min=1e-20)
+        score[~alive] = float("inf")
+        idx = score.topk(c, largest=False).indices
+        rows = hinv[idx]  # (c, K)
+        solve = torch.linalg.solve(rows[:, idx], rows)  # (Hinv_SS)^-1 Hinv_S:
+        w -= w[:, idx] @ solve
+        hinv -= hinv[:, idx] @ solve
+        w[:, idx] = 0.0
+        alive[idx] = False
+        hinv[idx, :] = 0.0
+        hinv[:, idx] = 0.0
+        hinv[idx, idx] = 1.0  # keeps the removed indices inert
+        n_remove -= c
+    return alive.nonzero().flatten(), w.float()
