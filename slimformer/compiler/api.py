@@ -13,7 +13,7 @@ from slimformer.compiler.graph_utils import param_count, size_mb
 from slimformer.compiler.numerics import compare, run_batches
 from slimformer.compiler.pass_manager import CompileContext, PassManager
 from slimformer.compiler.report import Report
-from slimformer.compiler.structure import structural_passes
+from slimformer.compiler.structure import ATTENTION_OPTIONS, PRUNING_OPTIONS, structural_passes
 from slimformer.compiler.targets import get_target
 from slimformer.errors import SlimformerError
 
@@ -42,6 +42,7 @@ def compile(
     tgt = get_target(target)
     if not 0.0 < fidelity <= 1.0:
         raise SlimformerError(f"fidelity must be in (0, 1], got {fidelity}", "e.g. --fidelity 0.995")
+    _check_option_names(tgt, options)
     # Built first: an out-of-range option fails before minutes of tracing and calibration.
     pipeline = structural_passes(options) + tgt.pipeline(options)
     if example_inputs is None:
@@ -109,3 +110,18 @@ def default_example_inputs(model: torch.nn.Module) -> dict:
         if "attention_mask" in inspect.signature(model.forward).parameters:
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     return {"input_ids": ids}
+
+
+# Read by the attention passes but not (yet) listed in structure.ATTENTION_OPTIONS.
+_MORE_STRUCTURAL = ("attention_transfer_steps", "attention_feature_map")
+
+
+def _check_option_names(tgt, options: dict) -> None:
+    """A misspelt option would otherwise be ignored without a word."""
+    known = set(PRUNING_OPTIONS) | set(ATTENTION_OPTIONS) | set(_MORE_STRUCTURAL) | set(tgt.options)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        import difflib
+        hints = [f"'{u}' -> '{m[0]}'?" for u in unknown if (m := difflib.get_close_matches(u, known, 1))]
+        raise SlimformerError(f"unknown option(s) for target {tgt.name}: {', '.join(unknown)}",
+                              " ".join(hints) or f"options it takes: {', '.join(sorted(known))}")

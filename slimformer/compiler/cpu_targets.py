@@ -35,8 +35,11 @@ def cpu_int8_pipeline(options: dict):
     ]
 
 
+ONNX_OPTIONS = ("threads",)  # ONNX Runtime intra-op threads of the compiled model
+INT8_OPTIONS = ("smooth_alpha", "gptq", "sensitivity")
+
 register_target(Target("cpu-fp32", "cpu", "float32 ONNX for ONNX Runtime", lambda o: [],
-                       lower_to_onnx("cpu-fp32")))
+                       lower_to_onnx("cpu-fp32"), ONNX_OPTIONS))
 register_target(Target("cpu-int8", "cpu",
                        "int8 weights (GPTQ, SmoothQuant), dynamic int8 activations (per token where needed), int8 embeddings",
-                       cpu_int8_pipeline, lower_to_onnx("cpu-int8")))
+                       cpu_int8_pipeline, lower_to_onnx("cpu-int8"), INT8_OPTIONS + ONNX_OPTIONS))

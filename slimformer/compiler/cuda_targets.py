@@ -19,7 +19,7 @@ Options (keyword arguments of `slimformer.compile`):
 from __future__ import annotations
 
 from slimformer.compiler.compiled_torch import TorchCompiledModel
-from slimformer.compiler.cpu_targets import lower_to_onnx
+from slimformer.compiler.cpu_targets import INT8_OPTIONS, ONNX_OPTIONS, lower_to_onnx
 from slimformer.compiler.targets import Target, register_target
 from slimformer.errors import SlimformerError
 from slimformer.kernels.naive import ACT_PER_TOKEN_I8, ACT_ROW_NORM_U8
@@ -99,11 +99,13 @@ def lower_cpu_int4(gm, ctx, outputs, options):
 
 register_target(Target("cuda-fp16", "cuda", "float16 PyTorch graph (the GPU baseline)",
                        lambda o: [], lower_to_torch("cuda-fp16")))
+INT4_OPTIONS = ("int4_method", "block_size", "int4_act_order")
 register_target(Target("cuda-int8", "cuda",
                        "int8 weights (GPTQ, SmoothQuant), per-token int8 activations, Triton W8A8 kernel",
-                       cuda_int8_pipeline, lower_to_torch("cuda-int8")))
+                       cuda_int8_pipeline, lower_to_torch("cuda-int8"), INT8_OPTIONS))
 register_target(Target("cuda-int4", "cuda", "int4 weights (GPTQ, block 32), fp16 activations, Triton W4A16 kernel",
-                       lambda o: [_int4(o)], lower_to_torch("cuda-int4")))
+                       lambda o: [_int4(o)], lower_to_torch("cuda-int4"), INT4_OPTIONS))
 register_target(Target("cpu-int4", "cpu",
                        "int4 weights (GPTQ, block 16) and word embeddings, unpacked to int8 at load (W4A8)",
-                       cpu_int4_pipeline, lower_cpu_int4))
+                       cpu_int4_pipeline, lower_cpu_int4,
+                       INT4_OPTIONS + ("embeddings", "int4_compute", "accuracy_level") + ONNX_OPTIONS))

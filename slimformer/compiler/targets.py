@@ -19,6 +19,7 @@ class Target:
     description: str
     pipeline: Callable[[dict], list[Pass]]  # options -> passes
     lower: Callable  # (gm, ctx, output_spec, options) -> CompiledModel
+    options: tuple[str, ...] = ()  # the compile(**options) keys its pipeline and lowering read
 
 
 TARGETS: dict[str, Target] = {}

@@ -26,18 +26,19 @@ from slimformer.compiler.numerics import batch_mask, flat_tensors
 
 def distill(gm: GraphModule, ctx, steps: int, lr: float = 5e-5, *, batches: list[dict] | None = None,
             intermediate: bool = True, intermediate_weight: float = 1.0, clip: float = 1.0,
-            seed: int = 0) -> list[float]:
+            seed: int = 0, trainable=None) -> list[float]:
     """Trains gm's float parameters for `steps` steps to match ctx.original; returns losses.
 
     batches: the inputs to train on (default ctx.calibration), cycled.
     intermediate: also match per-layer hidden states where layers correspond.
+    trainable: a predicate on parameter names; only those it accepts train (default: all).
     """
     batches = list(batches if batches is not None else ctx.calibration)
     if steps <= 0 or not batches:
         return []
     taps = _layer_taps(gm, ctx.original) if intermediate else {}
     targets = _original_outputs(ctx.original, batches, taps)
-    params = _trainable(gm)
+    params = _trainable(gm, trainable)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     store: dict[str, list[torch.Tensor]] = {}
     inserted = _insert_taps(gm, taps, store)
@@ -73,11 +74,11 @@ def distill(gm: GraphModule, ctx, steps: int, lr: float = 5e-5, *, batches: list
     return losses
 
 
-def _trainable(gm: GraphModule) -> list[torch.nn.Parameter]:
+def _trainable(gm: GraphModule, accept=None) -> list[torch.nn.Parameter]:
     """Fresh copies of gm's float parameters (they may share storage with the original model)."""
     params = []
     for name, p in list(gm.named_parameters()):
-        if not p.is_floating_point():
+        if not p.is_floating_point() or (accept is not None and not accept(name)):
             continue
         *path, leaf = name.split(".")
         owner = gm

@@ -41,6 +41,16 @@ def test_bad_arguments_are_user_errors():
         slimformer.compile(model, "cpu-int8", inputs(model), calibration=[])
 
 
+def test_misspelt_options_fail_with_a_suggestion():
+    model = FAMILIES["bert"].build()
+    with pytest.raises(SlimformerError, match="unknown option.*prune_head") as info:
+        slimformer.compile(model, "cpu-int8", inputs(model), prune_head=0.25)
+    assert "'prune_head' -> 'prune_heads'?" in info.value.hint
+    # an option of another target is unknown to this one: it would do nothing here
+    with pytest.raises(SlimformerError, match="unknown option.*embeddings"):
+        slimformer.compile(model, "cpu-int8", inputs(model), embeddings="int4")
+
+
 def test_default_example_inputs():
     model = FAMILIES["bert"].build()
     ex = default_example_inputs(model)
