@@ -68,7 +68,7 @@ class PruneFfn(Pass):
     # last FFN (1536 -> 136) and held-out fidelity fell further (pooled cos 0.87 vs 0.88).
     allocation: str = "uniform"
     method: str = "obs"  # "obs" (uniform, with weight updates) or "fisher"
-    damp: float = 0.01  # obs: ridge on the activations' second moment, times its mean diagonal
+    damp: float = 0.1  # obs: ridge on the activations' second moment, times its mean diagonal
     max_batches: int | None = 8  # calibration batches for the Fisher estimate (obs uses all)
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:

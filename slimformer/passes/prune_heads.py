@@ -23,7 +23,12 @@ from slimformer.compiler.coupling import cut_groups, linear_unit
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.errors import SlimformerError
 from slimformer.passes import prune_graph as pg
-from slimformer.passes.prune_importance import gate_fisher, gate_point, select_global
+from slimformer.passes.prune_importance import (
+    gate_fisher,
+    gate_point,
+    select_global,
+    select_uniform,
+)
 from slimformer.passes.prune_report import note_after, note_before
 
 aten = torch.ops.aten
@@ -167,6 +172,7 @@ class PruneHeads(Pass):
     name = "prune_heads"
     rebases_reference = True
     fraction: float = 0.25
+    allocation: str = "global"  # "global": least important over all layers; "uniform": per layer
     max_batches: int | None = 8  # calibration batches for the importance estimate
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
@@ -200,8 +206,11 @@ class PruneHeads(Pass):
             note_after(ctx, gm, self.name, {}, skipped)
             return PassResult(gm, False, "no head could be cut", {"skipped": skipped})
         scores = self._group_scores(gm, ctx, plans, groups)
-        keep = select_global(scores, self.fraction, min_keep=1,
-                             unit_cost=[plans[g[0]].n_rep for g in groups])
+        if self.allocation == "uniform":
+            keep = select_uniform(scores, self.fraction, min_keep=1)
+        else:
+            keep = select_global(scores, self.fraction, min_keep=1,
+                                 unit_cost=[plans[g[0]].n_rep for g in groups])
         done: set[str] = set()
         per_layer, removed, removed_heads = {}, 0, {}
         for members, kept in zip(groups, keep):

@@ -181,7 +181,7 @@ class Recover(Pass):
     rebases_reference = True
     steps: int = 0
     lr: float = 5e-5
-    ridge: float = 0.05
+    ridge: float = 0.2  # MiniLM heads 0.25 + FFN 0.4: held-out pooled cos mean 0.9254 at 0.05
     check_batches: int = 4  # calibration batches that decide whether the refit is kept
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:

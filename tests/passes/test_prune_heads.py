@@ -31,11 +31,11 @@ def masked_model(family: str, removed: dict[str, list[int]], head_dim: int) -> t
     return model
 
 
-def prune(family: str, fraction: float):
+def prune(family: str, fraction: float, allocation: str = "global"):
     model, _, gm0 = exported(family)
     gm = fresh_copy(gm0)
     ctx = context(model, calibration(model))
-    result = PruneHeads(fraction=fraction).run(gm, ctx)
+    result = PruneHeads(fraction=fraction, allocation=allocation).run(gm, ctx)
     analysis.invalidate(gm)
     gm.recompile()
     return gm, result, ctx
@@ -124,3 +124,9 @@ def test_global_selection_keeps_one_per_group_and_counts_group_cost():
     assert [k.tolist() for k in keep] == [[2], [1]]  # budget 4 of 5, but one unit stays per group
     keep = select_global(scores, 0.5, unit_cost=[1, 2])  # group 1's units cost 2 heads each
     assert [k.tolist() for k in keep] == [[1, 2], [1]]  # budget 3 of 7: 2 + 1
+
+
+def test_uniform_allocation_cuts_every_layer_alike():
+    _, result, _ = prune("bert", 0.5, allocation="uniform")
+    removed = result.details["removed_heads"]
+    assert len(removed) == 2 and all(len(v) == 2 for v in removed.values())  # 2 of 4 heads each
