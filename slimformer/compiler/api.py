@@ -112,13 +112,9 @@ def default_example_inputs(model: torch.nn.Module) -> dict:
     return {"input_ids": ids}
 
 
-# Read by the attention passes but not (yet) listed in structure.ATTENTION_OPTIONS.
-_MORE_STRUCTURAL = ("attention_transfer_steps", "attention_feature_map")
-
-
 def _check_option_names(tgt, options: dict) -> None:
     """A misspelt option would otherwise be ignored without a word."""
-    known = set(PRUNING_OPTIONS) | set(ATTENTION_OPTIONS) | set(_MORE_STRUCTURAL) | set(tgt.options)
+    known = set(PRUNING_OPTIONS) | set(ATTENTION_OPTIONS) | set(tgt.options)
     unknown = sorted(set(options) - known)
     if unknown:
         import difflib
