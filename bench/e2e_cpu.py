@@ -19,6 +19,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -185,19 +186,25 @@ def measure_quality(rows: list[Row], tokenizer) -> None:
 
 
 def measure_speed(rows: list[Row], tokenizer, args) -> None:
+    """Median latencies, `args.repeat` times over; each ratio to the anchor is the median of the
+    rounds' ratios, with their range: on a noisy machine one round can be 10% off."""
     texts = common.eval_sentences()
     live = [r for r in rows if not r.error]
     for batch, runs, key in ((8, args.runs, "b8"), (1, args.runs_b1, "b1")):
         feeds = common.tokenize(tokenizer, texts[:batch], max_length=SEQ)
         systems = {r.name: (lambda r=r, f=feeds: r.run(f)) for r in live}
-        print(f"timing batch {batch} x seq {SEQ}: {runs} runs each, interleaved ...", flush=True)
-        for name, ms in common.time_round_robin(systems, runs, args.warmup).items():
-            next(r for r in live if r.name == name).result[f"latency_ms_{key}"] = ms
-    for key in ("b8", "b1"):
-        anchor = next((r.result.get(f"latency_ms_{key}") for r in live if r.name == ANCHOR), None)
+        rounds = []
+        for k in range(args.repeat):
+            print(f"timing batch {batch} x seq {SEQ}: {runs} runs each, interleaved "
+                  f"(round {k + 1}/{args.repeat}) ...", flush=True)
+            rounds.append(common.time_round_robin(systems, runs, args.warmup))
         for r in live:
-            if anchor and f"latency_ms_{key}" in r.result:
-                r.result[f"vs_anchor_{key}"] = r.result[f"latency_ms_{key}"] / anchor
+            r.result[f"latency_ms_{key}"] = statistics.median(t[r.name] for t in rounds)
+            if ANCHOR in systems:
+                ratios = [t[r.name] / t[ANCHOR] for t in rounds]
+                r.result[f"vs_anchor_{key}"] = statistics.median(ratios)
+                if len(ratios) > 1:
+                    r.result[f"vs_anchor_{key}_range"] = [min(ratios), max(ratios)]
 
 
 COLUMNS = [  # (json key, header, format)
@@ -209,7 +216,14 @@ COLUMNS = [  # (json key, header, format)
 
 
 def cells(result: dict) -> list[str]:
-    return [fmt.format(result[k]) if k in result else "-" for k, _, fmt in COLUMNS]
+    out = []
+    for k, _, fmt in COLUMNS:
+        cell = fmt.format(result[k]) if k in result else "-"
+        if f"{k}_range" in result:  # repeated timing rounds: the median, and the rounds' range
+            lo, hi = result[f"{k}_range"]
+            cell += f" ({lo:.2f}-{hi:.2f})"
+        out.append(cell)
+    return out
 
 
 def print_table(results: list[dict]) -> None:
@@ -257,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=20, help="timed runs per system at batch 8")
     p.add_argument("--runs-b1", type=int, default=50, help="timed runs per system at batch 1")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="timing rounds; ratios are the median over rounds, with their range")
     p.add_argument("--convert-timeout", type=float, default=900)
     p.add_argument("--workdir", default=None, help="keep exported models here (default: temp)")
     p.add_argument("--reuse-artifacts", action="store_true",
@@ -268,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     args.model_dir = args.model_dir or common.minilm_dir()
     if args.reuse_artifacts and not args.workdir:
         p.error("--reuse-artifacts needs --workdir")
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
     # Set before transformers is first imported: huggingface_hub reads it at import time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
