@@ -24,3 +24,16 @@ def reference_kernels():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SLIMFORMER_KERNELS", "reference")
         yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of many tiny ops: with a second OpenMP thread each op
+    waits for a core the machine may not have free (60 s vs 4 s for one fit on a busy 2-core
+    box)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

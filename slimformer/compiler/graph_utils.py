@@ -22,6 +22,14 @@ def add_constant(gm: GraphModule, name: str, tensor: torch.Tensor, before: Node)
     return node
 
 
+def attr_tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    """The tensor a get_attr target ("encoder.layer.0.dense_weight") points at."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def set_attr_tensor(gm: GraphModule, target: str, tensor: torch.Tensor) -> None:
     """Replaces the tensor a get_attr target points at, keeping parameter-ness."""
     *path, leaf = target.split(".")

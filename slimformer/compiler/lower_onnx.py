@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch.fx import GraphModule
 
-from slimformer.compiler.graph_utils import add_constant, replace_node
+from slimformer.compiler.graph_utils import add_constant, attr_tensor, replace_node
 from slimformer.errors import SlimformerError
 from slimformer.kernels import naive, naive_attention
 from slimformer.passes.quantize import weight_only_int8_linear
@@ -124,14 +124,14 @@ def fuse_shared_input_int8(gm: GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target == torch.ops.slimformer.int8_linear.default:
             x, wq, ws, bias, mode = node.args
-            wide = _attr(gm, wq.target).abs().max().item() > S8_SAFE_MAX
+            wide = attr_tensor(gm, wq.target).abs().max().item() > S8_SAFE_MAX
             groups.setdefault((x, mode, wide), []).append(node)
     for (x, mode, _), members in groups.items():
         if len(members) < 2:
             continue
-        ws = [_attr(gm, m.args[1].target) for m in members]  # (N_i, K) int8
-        scales = torch.cat([_attr(gm, m.args[2].target) for m in members])
-        biases = [(_attr(gm, m.args[3].target) if m.args[3] is not None else torch.zeros(w.shape[0]))
+        ws = [attr_tensor(gm, m.args[1].target) for m in members]  # (N_i, K) int8
+        scales = torch.cat([attr_tensor(gm, m.args[2].target) for m in members])
+        biases = [(attr_tensor(gm, m.args[3].target) if m.args[3] is not None else torch.zeros(w.shape[0]))
                   for m, w in zip(members, ws)]
         first = members[0]
         name = f"{first.args[1].target}_fused"
@@ -161,7 +161,7 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
             continue
         if node.target == torch.ops.slimformer.int8_linear.default:
             x, wq, ws, bias, mode = node.args
-            w = _attr(gm, wq.target)
+            w = attr_tensor(gm, wq.target)
             fn = {naive.ACT_PER_TENSOR_U8: dynamic_quantize_matmul,
                   naive.ACT_ROW_NORM_U8: row_norm_int8_matmul}.get(mode)
             if fn is None:
@@ -177,14 +177,14 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
                 replace_node(gm, node, fn, (x, w_t, ws, bias, zp))
         elif node.target == weight_only_int8_linear:
             x, wq, ws, bias = node.args
-            w_t = add_constant(gm, f"{wq.target}_t", _attr(gm, wq.target).t().contiguous(), node)
+            w_t = add_constant(gm, f"{wq.target}_t", attr_tensor(gm, wq.target).t().contiguous(), node)
             replace_node(gm, node, dequantize_matmul, (x, w_t, ws, bias))
         elif node.target == torch.ops.slimformer.int4_linear.default:
             if gm.meta.get("int4_compute") == "int8":  # set by the cpu-int4 lowering
                 x, qw, sc, zp, bias, k, bs = node.args
-                scales = _attr(gm, sc.target).half()  # fp16 block scales: 1 MB less on MiniLM
-                w = naive.dequantize_int4_ref(_attr(gm, qw.target), scales,
-                                              _attr(gm, zp.target) if zp is not None else None, k, bs)
+                scales = attr_tensor(gm, sc.target).half()  # fp16 block scales: 1 MB less on MiniLM
+                w = naive.dequantize_int4_ref(attr_tensor(gm, qw.target), scales,
+                                              attr_tensor(gm, zp.target) if zp is not None else None, k, bs)
                 ch = add_constant(gm, f"{qw.target}_ch_scale", w.abs().amax(1).clamp(min=1e-12) / S8_SAFE_MAX, node)
                 sc16 = add_constant(gm, f"{sc.target}_fp16", scales, node)
                 replace_node(gm, node, int4_as_int8_matmul, (x, qw, sc16, zp, bias, k, bs, ch))
@@ -208,13 +208,6 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
-
-
-def _attr(gm, target: str) -> torch.Tensor:
-    obj = gm
-    for p in target.split("."):
-        obj = getattr(obj, p)
-    return obj
 
 
 def export_onnx(gm: GraphModule, example_inputs: dict, dynamic_shapes: dict,

@@ -12,15 +12,8 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from slimformer.compiler.graph_utils import set_attr_tensor
+from slimformer.compiler.graph_utils import attr_tensor, set_attr_tensor
 from slimformer.compiler.numerics import batch_mask, flat_tensors
-
-
-def _tensor(gm: GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _loss(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -34,12 +27,12 @@ def _loss(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> to
 def distill_outputs(gm: GraphModule, ctx, targets: list[str], steps: int, lr: float = 1e-4) -> dict:
     """Trains the tensors named by `targets` (get_attr targets) in place; returns the loss at
     the start and the end. Batches are visited round-robin, one step per batch."""
-    targets = [t for t in targets if _tensor(gm, t).is_floating_point()]
+    targets = [t for t in targets if attr_tensor(gm, t).is_floating_point()]
     if not targets or steps <= 0:
         return {"steps": 0}
     for t in targets:  # fresh copies: the graph's weights may share storage with the original model's
-        set_attr_tensor(gm, t, _tensor(gm, t).detach().clone())
-    params = [_tensor(gm, t) for t in targets]
+        set_attr_tensor(gm, t, attr_tensor(gm, t).detach().clone())
+    params = [attr_tensor(gm, t) for t in targets]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)

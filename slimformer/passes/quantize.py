@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 from slimformer.compiler import analysis
 from slimformer.compiler.graph_utils import add_constant, capture, remove_unused_attrs, replace_node
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
-from slimformer.kernels import naive, ops  # noqa: F401  (ops registers torch.ops.slimformer.*)
+from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimformer.*)
 from slimformer.passes.int4_algorithms import HessianAccumulator, inverse_hessian_cholesky
 
 # x86 CPUs without VNNI multiply u8 x s8 pairs with `vpmaddubsw`, whose int16 sums saturate

@@ -22,7 +22,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from slimformer.compiler.analysis import get_attr_tensor
-from slimformer.compiler.graph_utils import remove_unused_attrs, set_attr_tensor
+from slimformer.compiler.graph_utils import attr_tensor, remove_unused_attrs, set_attr_tensor
 from slimformer.compiler.numerics import compare, run_batches
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.kernels import naive, ops  # noqa: F401  (ops registers torch.ops.slimformer.*)
@@ -54,7 +54,7 @@ class TuneQuantized(Pass):
         tuned = {a.target for n in nodes if isinstance(a := n.args[4], Node)}
         tuned |= {a.target for n in gm.graph.nodes if n.target is torch.ops.aten.layer_norm.default
                   for a in n.args[2:4] if isinstance(a, Node) and a.op == "get_attr"}
-        saved = {t: _tensor(gm, t).clone() for t in tuned}
+        saved = {t: attr_tensor(gm, t).clone() for t in tuned}
         thetas = []
         for i, n in enumerate(nodes):  # int4_linear -> int4_linear_tunable(..., theta)
             x, qweight, scales, zp, bias, k, bs = n.args
@@ -94,13 +94,6 @@ class TuneQuantized(Pass):
                               f"({before:.2e} -> {after:.2e}): reverted")
         summary = f"{self.steps} steps on {what}, held-out error {before:.2e} -> {after:.2e}"
         return PassResult(gm, True, summary, {"losses": losses[:: max(1, len(losses) // 20)]})
-
-
-def _tensor(gm: GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _split(ctx) -> tuple[list[int], list[int]]:

@@ -7,20 +7,11 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from conftest import convert_args
 
 from slimformer import cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run many tiny ops: with a second OpenMP thread each one waits for a core the
-    machine may not have free (60 s vs 4 s for one fit on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_convert_with_local_attention(tiny_model_dir, calib_file, tmp_path, capsys):

@@ -14,14 +14,7 @@ from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimforme
 LENGTHS = (1, 37, 129, 300)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run many tiny ops: with a second OpenMP thread each one waits for a core the
-    machine may not have free (60 s vs 4 s for one fit on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _qkv(T, dq=16, d=24, seed=0, dtype=torch.float32):

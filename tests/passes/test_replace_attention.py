@@ -13,17 +13,7 @@ from slimformer.errors import SlimformerError
 from slimformer.passes.attention_pipeline import attention_passes, parse_layers
 from slimformer.passes.replace_attention import ReplaceAttention
 
-pytestmark = pytest.mark.usefixtures("reference_kernels")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """These tests run many tiny ops: with a second OpenMP thread each one waits for a core the
-    machine may not have free (60 s vs 4 s for one fit on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("reference_kernels", "one_torch_thread")
 
 
 def _run(name: str, **kw):
