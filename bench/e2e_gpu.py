@@ -7,9 +7,16 @@
 
 Rows: torch fp16 eager (`model.half()`, the reference), slimformer cuda-fp16 (the same graph
 run from torch.export), cuda-int8 (SmoothQuant + GPTQ W8A8, Triton), cuda-int4 (GPTQ W4A16,
-block 32, Triton). Each: median latency (triton.testing.do_bench, L2 flushed), speedup vs
-cuda-fp16, cosine of last_hidden_state vs torch fp32 on the GPU (per sample: min and mean),
-compile seconds. Compilation (calibration, GPTQ) runs on the CPU in float32 with the
+block 32, Triton); each slimformer target twice: replayed from CUDA graphs (the default) and
+"(no graphs)", the forward issued op by op from Python. Each: median latency
+(triton.testing.do_bench, L2 flushed), speedup vs the cuda-fp16 row of the same mode, cosine of
+last_hidden_state vs torch fp32 on the GPU (per sample: min and mean), compile seconds; the
+no-graph rows also the host's time to issue one forward vs the time to finish it. Each target
+gets a torch.profiler summary of one no-graph forward (bench/gpu_profile.py: top ops by self
+device / CPU time, kernels by kind, launches). int8 fallback: no run-time policy sends a linear
+of cuda-int8 to fp16 (`prefer_int8` / `INT8_MIN_M` are not consulted by the op), so the int8
+rows are the int8 kernels on every linear; the profile's kernel counts show it.
+Compilation (calibration, GPTQ) runs on the CPU in float32 with the
 reference kernels, as `slimformer convert` would; the compiled model moves itself to the GPU
 (float16) on its first call there. Calibration: a few random-token batches.
 Writes e2e_gpu_<gpu-slug>.json and prints a table. Stays within ~3 minutes on an H100 host.
@@ -106,6 +113,7 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
         device, name = torch.device("cuda"), torch.cuda.get_device_name()
         batch, seq, calib_batch = batch or 32, seq or 128, 8
     import slimformer
+    from bench.gpu_profile import host_vs_device, print_profile, profile_forward
     from bench.kernels import slug
 
     model = build_model(dry_run)
@@ -118,7 +126,8 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
 
     def measure(row: dict, fn) -> None:
         with torch.no_grad():
-            out = first(fn())  # first call: moves weights, autotunes the Triton kernels
+            fn()  # first call: moves weights, autotunes the Triton kernels (CUDA graphs: warm-up)
+            out = first(fn())  # with CUDA graphs: captured and replayed, so the replay is checked
             row["cos_min"], row["cos_mean"] = cosines(out, ref)
             row["out_dtype"] = str(out.dtype).replace("torch.", "")
             row["ms"] = bench_ms(fn, device)
@@ -134,6 +143,7 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
     rows.append(row)
     del eager
 
+    profiles = {}
     for target in TARGETS:
         row = {"name": target}
         rows.append(row)
@@ -146,15 +156,35 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
                 compiled = slimformer.compile(model, target, calib[0], calib)
             row["compile_s"] = round(time.time() - t, 1)
             row["fidelity_cpu"] = compiled.report.final_fidelity
-            measure(row, lambda c=compiled: c(**x))
             row["size_mb"] = round(compiled.report.size_after_mb or 0.0, 1)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        print(f"[{time.time() - t0:6.1f}s] {target}: "
-              + (row.get("error") or f"{row['ms']:.3f} ms, cos min {row['cos_min']:.5f}"), flush=True)
+            print(f"[{time.time() - t0:6.1f}s] {target}: {row['error']}", flush=True)
+            continue
+        fn = lambda c=compiled: c(**x)  # noqa: E731
+        for graphs in (True, False):
+            r = row if graphs else {"name": f"{target} (no graphs)"}
+            if not graphs:
+                rows.append(r)
+            compiled.cuda_graphs = graphs
+            try:
+                measure(r, fn)
+                r.update(host_vs_device(fn, device))
+                if graphs:
+                    r["cuda_graphs"] = graph_state(compiled, device)
+            except Exception as e:
+                r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"[{time.time() - t0:6.1f}s] {r['name']}: "
+                  + (r.get("error") or f"{r['ms']:.3f} ms, cos min {r['cos_min']:.5f}"), flush=True)
+        try:  # no graphs: every op and kernel shows
+            profiles[target] = profile_forward(fn, device)
+        except Exception as e:
+            profiles[target] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        del compiled, fn
 
-    base = next((r.get("ms") for r in rows if r["name"] == "cuda-fp16"), None)
-    for r in rows:
+    for r in rows:  # each mode against the cuda-fp16 row of the same mode
+        base_name = "cuda-fp16 (no graphs)" if r["name"].endswith("(no graphs)") else "cuda-fp16"
+        base = next((b.get("ms") for b in rows if b["name"] == base_name), None)
         if r.get("ms") and base:
             r["speedup_vs_cuda_fp16"] = base / r["ms"]
     result = {
@@ -163,9 +193,12 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
         else "tiny BERT (dry run)", "batch": batch, "seq": seq,
         "calibration": f"{calib_batches} random-token batches of {calib_batch} x {seq}",
         "timing": "triton.testing.do_bench median" if device.type == "cuda" else "one call (dry run)",
-        "rows": rows, "wall_s": None,
+        "int8_fallback": "none at run time: every int8_linear runs the int8 kernels (see the profiles)",
+        "rows": rows, "profiles": profiles, "wall_s": None,
     }
     print_table(result)
+    for target, prof in profiles.items():
+        print_profile(target, prof)
     if out_dir is None:
         out_dir = tempfile.mkdtemp(prefix="slimformer-e2e-") if dry_run else "bench/results"
     out = Path(out_dir)
@@ -177,12 +210,22 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
     return result
 
 
+def graph_state(compiled, device: torch.device) -> str:
+    """captured (n signatures) / failed: why / off (CPU)."""
+    runner = getattr(compiled, "_graph_runners", {}).get(device)
+    if runner is None:
+        return "off" if device.type != "cuda" else "not used"
+    return f"failed: {runner.failed}" if runner.failed else f"captured ({len(runner.graphs)})"
+
+
 def print_table(result: dict) -> None:
     print(f"\nBERT-base e2e on {result['device']}, batch {result['batch']} x seq {result['seq']}")
-    print(f"{'system':<28} {'ms':>9} {'vs fp16':>8} {'cos min':>9} {'cos mean':>9} {'compile s':>9}")
+    print(f"{'system':<28} {'ms':>9} {'vs fp16':>8} {'cos min':>9} {'cos mean':>9} {'compile s':>9}"
+          f" {'issue ms':>9} {'total ms':>9}  graphs")
     for r in result["rows"]:
         line = (f"{r['name']:<28} {_cell(r, 'ms', '9.3f')} {_cell(r, 'speedup_vs_cuda_fp16', '8.2f')} "
-                f"{_cell(r, 'cos_min', '9.5f')} {_cell(r, 'cos_mean', '9.5f')} {_cell(r, 'compile_s', '9.1f')}")
+                f"{_cell(r, 'cos_min', '9.5f')} {_cell(r, 'cos_mean', '9.5f')} {_cell(r, 'compile_s', '9.1f')}"
+                f" {_cell(r, 'host_issue_ms', '9.3f')} {_cell(r, 'host_total_ms', '9.3f')}  {r.get('cuda_graphs', '')}")
         print(line + (f"  ERROR {r['error']}" if r.get("error") else ""))
 
 

@@ -3,7 +3,9 @@
 The graph calls `slimformer::*` ops, which run their Triton kernels on CUDA tensors (and on CPU
 tensors under TRITON_INTERPRET=1). The device follows the inputs: on the first call with
 inputs on a new device, a runnable copy of the graph is made there, in float16 on CUDA and in
-float32 elsewhere (CPU fp16 kernels are slow or missing).
+float32 elsewhere (CPU fp16 kernels are slow or missing). On CUDA the forward is replayed from
+captured CUDA graphs unless `cuda_graphs=False` (see cuda_graphs.py: without them the forward
+is bound by the host's op dispatch, not by the kernels).
 
 Artifact (nothing pickled, nothing unpickled on load):
   weights.safetensors   every parameter, buffer and lifted constant of the program
@@ -17,6 +19,7 @@ one torch may not load in a much newer one (then: convert again).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -26,6 +29,7 @@ from torch.fx import GraphModule
 from torch.fx.node import map_aggregate
 
 from slimformer.compiler.compiled import CompiledModel
+from slimformer.compiler.cuda_graphs import CudaGraphRunner
 from slimformer.compiler.numerics import flat_tensors
 from slimformer.errors import SlimformerError
 
@@ -43,12 +47,15 @@ class TorchCompiledModel(CompiledModel):
     """
 
     def __init__(self, target, input_names, outputs, report, graph_module: GraphModule | None = None,
-                 program: torch.export.ExportedProgram | None = None):
+                 program: torch.export.ExportedProgram | None = None, cuda_graphs: bool = True):
         super().__init__(target, input_names, outputs, report)
         if (graph_module is None) == (program is None):
             raise ValueError("TorchCompiledModel takes a graph_module or a program")
         self.graph_module, self._program = graph_module, program
+        # CUDA inputs: replay captured CUDA graphs (may be switched at any time; CPU: unused)
+        self.cuda_graphs = cuda_graphs
         self._runners: dict[torch.device, tuple[GraphModule, torch.dtype]] = {}
+        self._graph_runners: dict[torch.device, CudaGraphRunner] = {}
 
     @property
     def program(self) -> torch.export.ExportedProgram:
@@ -76,8 +83,12 @@ class TorchCompiledModel(CompiledModel):
         gm, dtype = self._runners[device]
         feeds = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                  for k, v in inputs.items()}
-        with torch.no_grad():
-            return flat_tensors(gm(**feeds))
+        if self.cuda_graphs and device.type == "cuda":
+            if device not in self._graph_runners:
+                self._graph_runners[device] = CudaGraphRunner(functools.partial(_forward, gm))
+            with torch.cuda.device(device):
+                return self._graph_runners[device](feeds)
+        return _forward(gm, **feeds)
 
     def _prepare(self, device: torch.device) -> tuple[GraphModule, torch.dtype]:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -111,7 +122,13 @@ class TorchCompiledModel(CompiledModel):
         return {"model": GRAPH_FILE, "weights": WEIGHTS_FILE, "runtime": "torch",
                 "torch": torch.__version__, "parameters": sorted(set(state) & params),
                 "buffers": sorted(set(state) - params),
-                "constants": sorted(consts), "examples": list(examples)}
+                "constants": sorted(consts), "examples": list(examples),
+                "cuda_graphs": self.cuda_graphs}
+
+
+def _forward(gm: GraphModule, **feeds) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return flat_tensors(gm(**feeds))
 
 
 def export_program(gm: GraphModule) -> torch.export.ExportedProgram:
@@ -157,7 +174,8 @@ def load_torch(directory: Path, meta: dict, report, outputs) -> TorchCompiledMod
             f"{directory}: cannot read the graph ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
             f"it was written by torch {meta.get('torch')}; this is torch {torch.__version__}: "
             "convert the model again with this torch") from e
-    return TorchCompiledModel(meta["target"], meta["inputs"], outputs, report, program=program)
+    return TorchCompiledModel(meta["target"], meta["inputs"], outputs, report, program=program,
+                              cuda_graphs=bool(meta.get("cuda_graphs", True)))
 
 
 def retarget(gm: GraphModule, device: torch.device, dtype: torch.dtype) -> GraphModule:

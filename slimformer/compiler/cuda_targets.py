@@ -14,6 +14,9 @@ Options (keyword arguments of `slimformer.compile`):
   embeddings ("int8" | "int4" | "float")                                      cpu-int4 only
   int4_compute ("int8" | "matmulnbits")                                       cpu-int4 only
   accuracy_level (0 | 4): MatMulNBits' compute: 0 fp32, 4 int8 activations   cpu-int4 only
+  cuda_graphs (bool, default True): replay the forward from captured CUDA graphs on CUDA
+    inputs (compiled_torch / cuda_graphs.py); also `compiled.cuda_graphs = False` at run time
+                                                                              cuda-* targets
 """
 
 from __future__ import annotations
@@ -44,8 +47,26 @@ DEFAULT_INT4_COMPUTE = "int8"
 def lower_to_torch(target_name: str):
     def lower(gm, ctx, outputs, options):
         return TorchCompiledModel(target_name, list(gm.meta["example_inputs"]), outputs, ctx.report,
-                                  graph_module=gm)
+                                  graph_module=gm, cuda_graphs=_cuda_graphs(options))
     return lower
+
+
+TORCH_OPTIONS = ("cuda_graphs",)  # read by every cuda-* target's lowering
+
+
+def _cuda_graphs(options: dict) -> bool:
+    value = options.get("cuda_graphs", True)
+    if not isinstance(value, bool):
+        raise SlimformerError(f"cuda_graphs={value!r} is not a bool", "use cuda_graphs=True or False")
+    return value
+
+
+def _torch_pipeline(pipeline):
+    """A cuda-* pipeline that checks the lowering's options first (before tracing)."""
+    def build(options: dict):
+        _cuda_graphs(options)
+        return pipeline(options)
+    return build
 
 
 def cuda_int8_pipeline(options: dict):
@@ -111,13 +132,15 @@ def lower_cpu_int4(gm, ctx, outputs, options):
 
 
 register_target(Target("cuda-fp16", "cuda", "float16 PyTorch graph (the GPU baseline)",
-                       lambda o: [], lower_to_torch("cuda-fp16")))
+                       _torch_pipeline(lambda o: []), lower_to_torch("cuda-fp16"), TORCH_OPTIONS))
 INT4_OPTIONS = ("int4_method", "block_size", "int4_act_order", "tune_steps")
 register_target(Target("cuda-int8", "cuda",
                        "int8 weights (GPTQ, SmoothQuant), per-token int8 activations, Triton W8A8 kernel",
-                       cuda_int8_pipeline, lower_to_torch("cuda-int8"), INT8_OPTIONS))
+                       _torch_pipeline(cuda_int8_pipeline), lower_to_torch("cuda-int8"),
+                       INT8_OPTIONS + TORCH_OPTIONS))
 register_target(Target("cuda-int4", "cuda", "int4 weights (GPTQ, block 32), fp16 activations, Triton W4A16 kernel",
-                       lambda o: [_int4(o), *_tuning(o)], lower_to_torch("cuda-int4"), INT4_OPTIONS))
+                       _torch_pipeline(lambda o: [_int4(o), *_tuning(o)]), lower_to_torch("cuda-int4"),
+                       INT4_OPTIONS + TORCH_OPTIONS))
 register_target(Target("cpu-int4", "cpu",
                        "int4 weights (GPTQ, block 16) and word embeddings, unpacked to int8 at load (W4A8)",
                        cpu_int4_pipeline, lower_cpu_int4,

@@ -136,7 +136,13 @@ def test_e2e_gpu_bench_dry_run(tmp_path):
     spec.loader.exec_module(bench)
     result = bench.run(tmp_path, dry_run=True, calib_batches=1)
     saved = json.loads((tmp_path / "e2e_gpu_cpu-dry-run.json").read_text())
-    assert [r["name"] for r in saved["rows"]][1:] == ["cuda-fp16", "cuda-int8", "cuda-int4"]
+    names = [r["name"] for r in saved["rows"]][1:]
+    assert names == [n for t in ("cuda-fp16", "cuda-int8", "cuda-int4") for n in (t, f"{t} (no graphs)")]
     for r in saved["rows"]:
         assert not r.get("error") and r["ms"] > 0 and r["cos_min"] > 0.98, r
-    assert result["rows"][1]["speedup_vs_cuda_fp16"] == 1.0
+    assert result["rows"][1]["speedup_vs_cuda_fp16"] == result["rows"][2]["speedup_vs_cuda_fp16"] == 1.0
+    assert result["rows"][1]["cuda_graphs"] == "off"  # CPU tensors: never captured
+    profiles = saved["profiles"]
+    assert profiles["cuda-int8"]["slimformer_ops"] == {"slimformer::int8_linear": 13}  # 2 layers + pooler
+    assert profiles["cuda-int4"]["slimformer_ops"] == {"slimformer::int4_linear": 13}
+    assert profiles["cuda-fp16"]["top_self_cpu"] and not profiles["cuda-fp16"]["slimformer_ops"]
