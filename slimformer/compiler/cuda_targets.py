@@ -4,8 +4,10 @@ The CUDA targets lower to a TorchCompiledModel: the compressed graph, run by PyT
 float16 on the inputs' GPU (float32 on CPU tensors, where the Triton kernels run under
 TRITON_INTERPRET=1), saved as a torch.export program. cpu-int4 lowers to ONNX like cpu-int8 and
 stores each int4 linear in MatMulNBits' packing: by default (int4_compute="int8") ONNX Runtime
-unpacks it to int8 at session start and runs the int8 kernel (W4A8); with "matmulnbits" one
-com.microsoft MatMulNBits node runs on the same packed bytes.
+unpacks it to int8 at session start and runs the int8 kernel (W4A8), with per-tensor int8
+activations where they cost little fidelity and per-token ones elsewhere
+(passes/int4_act_modes.py); with "matmulnbits" one com.microsoft MatMulNBits node runs on the
+same packed bytes.
 
 Options (keyword arguments of `slimformer.compile`):
   gptq (bool, int8), sensitivity (bool, int8), smooth_alpha (float | None, int8)
@@ -26,6 +28,7 @@ from slimformer.compiler.cpu_targets import INT8_OPTIONS, ONNX_OPTIONS, lower_to
 from slimformer.compiler.targets import Target, register_target
 from slimformer.errors import SlimformerError
 from slimformer.kernels.naive import ACT_PER_TOKEN_I8, ACT_ROW_NORM_U8
+from slimformer.passes.int4_act_modes import ChooseInt4ActModes
 from slimformer.passes.quantize import QMAX_CPU, QMAX_FULL, QuantizeInt8
 from slimformer.passes.quantize_embeddings import QuantizeEmbeddings
 from slimformer.passes.quantize_int4 import QuantizeEmbeddingsInt4, QuantizeInt4
@@ -40,7 +43,7 @@ from slimformer.passes.tune_quantized import TuneQuantized
 DEFAULT_ACCURACY_LEVEL = 0
 # How cpu-int4 computes: "matmulnbits" (ORT's int4 op, fp32 compute at the level above) or
 # "int8" (the int4 weight unpacked to int8 once at session start, W4A8 through the cpu-int8
-# kernel; lower_onnx.int4_as_int8_matmul).
+# kernel; lower_onnx.int4_group_as_int8_matmul).
 DEFAULT_INT4_COMPUTE = "int8"
 
 
@@ -97,14 +100,17 @@ def cpu_int4_pipeline(options: dict):
         raise SlimformerError(f"embeddings='{emb}' is not an option", "use int8, int4 or float")
     # W4A8 quantizes activations to int8: split off the outlier channels first (no migration
     # into the weights, which would widen the int4 ranges).
-    split = [Smooth(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, migrate=False)] \
-        if options.get("int4_compute", DEFAULT_INT4_COMPUTE) == "int8" else []
+    int8_compute = _int4_compute(options) == "int8"
+    split = [Smooth(act_mode=ACT_ROW_NORM_U8, qmax=QMAX_CPU, migrate=False)] if int8_compute else []
     passes = [*split, _int4(options, CPU_INT4_BLOCK, cpu=True)]
     if emb == "int4":  # the word embedding as int4 rows; smaller tables (positions) as int8
         passes.append(QuantizeEmbeddingsInt4())
     if emb != "float":
         passes.append(QuantizeEmbeddings())
-    return passes + _tuning(options)
+    passes += _tuning(options)
+    if int8_compute:  # per-tensor activations where they cost little
+        passes.append(ChooseInt4ActModes())
+    return passes
 
 
 # Distillation steps for the float parameters around int4 weights (passes/tune_quantized.py).
@@ -119,13 +125,18 @@ def _tuning(options: dict) -> list:
     return [TuneQuantized(steps=steps)] if steps else []
 
 
+def _int4_compute(options: dict) -> str:
+    compute = options.get("int4_compute", DEFAULT_INT4_COMPUTE)
+    if compute not in ("int8", "matmulnbits"):
+        raise SlimformerError(f"int4_compute='{compute}' is not an option", "use int8 or matmulnbits")
+    return compute
+
+
 def lower_cpu_int4(gm, ctx, outputs, options):
     level = options.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)
     if level not in (0, 1, 2, 3, 4):
         raise SlimformerError(f"accuracy_level={level} is not a MatMulNBits level", "use 0 (fp32) or 4 (int8)")
-    compute = options.get("int4_compute", DEFAULT_INT4_COMPUTE)
-    if compute not in ("int8", "matmulnbits"):
-        raise SlimformerError(f"int4_compute='{compute}' is not an option", "use int8 or matmulnbits")
+    compute = _int4_compute(options)
     gm.meta["matmulnbits_accuracy_level"] = level  # read by lower_onnx.prepare_for_onnx
     gm.meta["int4_compute"] = compute
     return lower_to_onnx("cpu-int4")(gm, ctx, outputs, options)

@@ -16,9 +16,15 @@ import warnings
 import torch
 from torch.fx import GraphModule
 
-from slimformer.compiler.graph_utils import add_constant, attr_tensor, replace_node
+from slimformer.compiler.graph_utils import (
+    add_constant,
+    attr_tensor,
+    remove_unused_attrs,
+    replace_node,
+)
 from slimformer.errors import SlimformerError
 from slimformer.kernels import naive, naive_attention
+from slimformer.passes.int4_act_modes import to_w4a8, w4a8_linear
 from slimformer.passes.quantize import weight_only_int8_linear
 
 aten = torch.ops.aten
@@ -64,12 +70,10 @@ def matmul_nbits(x, qweight, scales, zero_points, bias, K, block_size, accuracy_
         dtype=torch.float32, shape=[*x.shape[:-1], n], version=1)
 
 
-def int4_as_int8_matmul(x, qweight, scales, zero_points, bias, K, block_size, ch_scale):
-    """W4A8: the file keeps the packed int4 weight (MatMulNBits layout); its unpacking to an
-    int8 weight per output channel (|w| <= 64, scale ch_scale) reads only constants, so ONNX
-    Runtime folds it once at session start, and the integer kernel of cpu-int8 runs. On CPUs
-    without VNNI, MatMulNBits computes in fp32 whatever its accuracy_level: int4 storage at
-    int8 speed this way. qweight: (N, n_blocks, block_size // 2) uint8; ch_scale: (N,)."""
+def unpack_int4_as_int8(qweight, scales16, zero_points, K, block_size, ch_scale):
+    """The packed int4 weight (MatMulNBits layout, fp16 block scales) -> int8 per output
+    channel, (N, K), |w| <= 64, scale ch_scale (N,): `int4_act_modes.int4_to_int8` spelt in
+    ONNX. It reads only constants, so ONNX Runtime folds it once at session start."""
     n, nb = qweight.shape[0], qweight.shape[1]
 
     def nibbles(packed):  # (..., L) uint8 -> (..., 2L) float codes, the low nibble first
@@ -79,9 +83,22 @@ def int4_as_int8_matmul(x, qweight, scales, zero_points, bias, K, block_size, ch
 
     q = nibbles(qweight).reshape(n, nb, block_size)
     zp = torch.full((n, nb, 1), 8.0) if zero_points is None else nibbles(zero_points)[:, :nb, None]
-    w = ((q - zp) * scales.reshape(n, nb, 1).float()).reshape(n, nb * block_size)[:, :K]  # (N, K)
-    w8 = torch.clamp(torch.round(w / ch_scale[:, None]), -S8_SAFE_MAX, S8_SAFE_MAX).to(torch.int8)
-    return row_norm_int8_matmul(x, w8.t(), ch_scale, bias)
+    w = ((q - zp) * scales16.reshape(n, nb, 1).float()).reshape(n, nb * block_size)[:, :K]  # (N, K)
+    return torch.clamp(torch.round(w / ch_scale[:, None]), -S8_SAFE_MAX, S8_SAFE_MAX).to(torch.int8)
+
+
+def int4_group_as_int8_matmul(x, weights: list, ch_scale, bias, act_mode: int):
+    """W4A8 for linears reading one input x (q, k and v): the file keeps each packed int4
+    weight; their unpacking to int8 and concatenation (N_total, K) fold at session start, and
+    one DynamicQuantizeMatMul (per-tensor activations, or row-normalised for per-token
+    precision) runs. On CPUs without VNNI, MatMulNBits computes in fp32 whatever its
+    accuracy_level: int4 storage at int8 speed this way. weights: [(qweight, scales16,
+    zero_points, K, block_size, ch_scale_i)]; ch_scale, bias: concatenated, (N_total,)."""
+    w8 = torch.cat([unpack_int4_as_int8(*w) for w in weights]) if len(weights) > 1 \
+        else unpack_int4_as_int8(*weights[0])
+    fn = dynamic_quantize_matmul if act_mode == naive.ACT_PER_TENSOR_U8 else row_norm_int8_matmul
+    y = fn(x, w8.t(), ch_scale, None)
+    return y if bias is None else y + bias
 
 
 def residual_sum(a, b):
@@ -153,9 +170,52 @@ def fuse_shared_input_int8(gm: GraphModule) -> None:
     gm.graph.eliminate_dead_code()
 
 
+def lower_w4a8_groups(gm: GraphModule) -> None:
+    """w4a8_linear nodes reading one input with one activation mode (q, k and v) become one
+    int8 matmul over their concatenated unpacked weights, sliced after (see
+    fuse_shared_input_int8); the compile-time int8 copies (w8) are dropped."""
+    groups: dict[tuple, list] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is w4a8_linear:
+            groups.setdefault((node.args[0], node.args[-1]), []).append(node)
+    for (x, mode), members in groups.items():
+        weights = [(qw, sc, zp, k, bs, ch) for _, qw, sc, zp, _, k, bs, ch, _, _ in (m.args for m in members)]
+        chs = [attr_tensor(gm, m.args[7].target) for m in members]
+        has_bias = any(m.args[4] is not None for m in members)
+        first = members[0]
+        for m in members[1:]:  # the later members' constants, moved up to where the fused node goes
+            for a in m.args[1:4] + m.args[7:8]:
+                if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                    first.prepend(a)
+        bias = None
+        if has_bias:
+            bias = add_constant(gm, f"{first.args[1].target}_bias_cat", torch.cat([
+                attr_tensor(gm, m.args[4].target).float() if m.args[4] is not None else torch.zeros(c.shape[0])
+                for m, c in zip(members, chs)]), first)
+        ch = add_constant(gm, f"{first.args[1].target}_ch_cat", torch.cat(chs), first) if len(members) > 1 \
+            else first.args[7]
+        with gm.graph.inserting_before(first):
+            fused = gm.graph.call_function(int4_group_as_int8_matmul, (x, weights, ch, bias, mode))
+        start, parts = 0, []
+        for c in chs:
+            with gm.graph.inserting_before(first):
+                parts.append(fused if len(members) == 1 else
+                             gm.graph.call_function(aten.slice.Tensor, (fused, -1, start, start + c.shape[0])))
+            start += c.shape[0]
+        for m, part in zip(members, parts):
+            m.replace_all_uses_with(part)
+            gm.graph.erase_node(m)
+    remove_unused_attrs(gm)
+
+
 def prepare_for_onnx(gm: GraphModule) -> GraphModule:
     """Swaps slimformer ops and SDPA for their ONNX Runtime spellings, in place."""
     fuse_shared_input_int8(gm)
+    if gm.meta.get("int4_compute") == "int8":  # set by the cpu-int4 lowering
+        for node in list(gm.graph.nodes):  # the act-mode pass did not run: per-token everywhere
+            if node.target == torch.ops.slimformer.int4_linear.default:
+                to_w4a8(gm, node, naive.ACT_ROW_NORM_U8)
+    lower_w4a8_groups(gm)
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -180,15 +240,6 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
             w_t = add_constant(gm, f"{wq.target}_t", attr_tensor(gm, wq.target).t().contiguous(), node)
             replace_node(gm, node, dequantize_matmul, (x, w_t, ws, bias))
         elif node.target == torch.ops.slimformer.int4_linear.default:
-            if gm.meta.get("int4_compute") == "int8":  # set by the cpu-int4 lowering
-                x, qw, sc, zp, bias, k, bs = node.args
-                scales = attr_tensor(gm, sc.target).half()  # fp16 block scales: 1 MB less on MiniLM
-                w = naive.dequantize_int4_ref(attr_tensor(gm, qw.target), scales,
-                                              attr_tensor(gm, zp.target) if zp is not None else None, k, bs)
-                ch = add_constant(gm, f"{qw.target}_ch_scale", w.abs().amax(1).clamp(min=1e-12) / S8_SAFE_MAX, node)
-                sc16 = add_constant(gm, f"{sc.target}_fp16", scales, node)
-                replace_node(gm, node, int4_as_int8_matmul, (x, qw, sc16, zp, bias, k, bs, ch))
-                continue
             level = gm.meta.get("matmulnbits_accuracy_level", 0)  # set by the cpu-int4 lowering
             replace_node(gm, node, matmul_nbits, (*node.args, level))
         elif node.target == torch.ops.slimformer.linear_attention.default:
