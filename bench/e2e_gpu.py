@@ -7,8 +7,12 @@
 
 Rows: torch fp16 eager (`model.half()`, the reference), slimformer cuda-fp16 (the same graph
 run from torch.export), cuda-int8 (SmoothQuant + GPTQ W8A8, Triton), cuda-int4 (GPTQ W4A16,
-block 32, Triton); each slimformer target twice: replayed from CUDA graphs (the default) and
-"(no graphs)", the forward issued op by op from Python. Each: median latency
+block 32, Triton), cuda-int8 one-launch (the same model with kernels/int8_fused.py: per-token
+quantization fused into the GEMM); each slimformer row twice: replayed from CUDA graphs (the
+default) and "(no graphs)", the forward issued op by op from Python. On the GPU the runtime graph
+is rewritten first (compiler/gpu_rewrites.py: q/k/v fused, SmoothQuant multiplies folded into
+the int8 quantization; fp16 gets the q/k/v fusion too): `gpu_rewrites` in each row says what
+changed. Each: median latency
 (triton.testing.do_bench, L2 flushed), speedup vs the cuda-fp16 row of the same mode, cosine of
 last_hidden_state vs torch fp32 on the GPU (per sample: min and mean), compile seconds; the
 no-graph rows also the host's time to issue one forward vs the time to finish it. Each target
@@ -115,6 +119,7 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
     import slimformer
     from bench.gpu_profile import host_vs_device, print_profile, profile_forward
     from bench.kernels import slug
+    from slimformer.kernels import int8_linear as k8
 
     model = build_model(dry_run)
     x_cpu = random_batch(model, batch, seq, seed=0)
@@ -162,20 +167,28 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
             print(f"[{time.time() - t0:6.1f}s] {target}: {row['error']}", flush=True)
             continue
         fn = lambda c=compiled: c(**x)  # noqa: E731
-        for graphs in (True, False):
-            r = row if graphs else {"name": f"{target} (no graphs)"}
-            if not graphs:
-                rows.append(r)
-            compiled.cuda_graphs = graphs
-            try:
-                measure(r, fn)
-                r.update(host_vs_device(fn, device))
-                if graphs:
-                    r["cuda_graphs"] = graph_state(compiled, device)
-            except Exception as e:
-                r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            print(f"[{time.time() - t0:6.1f}s] {r['name']}: "
-                  + (r.get("error") or f"{r['ms']:.3f} ms, cos min {r['cos_min']:.5f}"), flush=True)
+        # cuda-int8 also with the one-launch kernel (quantization fused into the GEMM)
+        for variant in ("", " one-launch") if target == "cuda-int8" else ("",):
+            k8.FUSED_QUANT = bool(variant)
+            compiled._graph_runners.clear()  # captured graphs hold the other kernel
+            for graphs in (True, False):
+                r = row if graphs and not variant else {"name": f"{target}{variant}"}
+                if not graphs:
+                    r["name"] += " (no graphs)"
+                if r is not row:
+                    rows.append(r)
+                compiled.cuda_graphs = graphs
+                try:
+                    measure(r, fn)
+                    r.update(host_vs_device(fn, device))
+                    r["gpu_rewrites"] = compiled.gpu_rewrites
+                    if graphs:
+                        r["cuda_graphs"] = graph_state(compiled, device)
+                except Exception as e:
+                    r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"[{time.time() - t0:6.1f}s] {r['name']}: "
+                      + (r.get("error") or f"{r['ms']:.3f} ms, cos min {r['cos_min']:.5f}"), flush=True)
+        k8.FUSED_QUANT = False
         try:  # no graphs: every op and kernel shows
             profiles[target] = profile_forward(fn, device)
         except Exception as e:

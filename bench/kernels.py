@@ -8,10 +8,13 @@
 
 Rows (N, K = output, input features): BERT-base 768x768, 3072x768, 768x3072; Llama-7B
 4096x4096, 11008x4096, 4096x11008. int8_linear (act_mode 1, fp16 activations, per-token
-quantization included) vs cuBLAS fp16 at M = 1, 16, 128, 2048, 4096, and its GEMM alone vs
+quantization included: two launches) and int8_fused (the same in one launch, quantization fused
+into the GEMM) vs cuBLAS fp16 at M = 1, 16, 128, 2048, 4096, and its GEMM alone vs
 torch._int_mm; int4_linear (block 128, asymmetric) vs cuBLAS fp16 at M = 1, 16, 128, 2048.
 Each kernel is checked against its reference on the GPU before it is timed (a wrong kernel
-gives an error row, not a time). Times: triton.testing.do_bench (median, L2 flushed).
+gives an error row, not a time). Times: triton.testing.do_bench (median, L2 flushed); for the
+linears also `ms_graph` / `baseline_ms_graph`, replayed from a CUDA graph (the kernels' own
+time without the host's launch overhead, which do_bench includes at these sizes).
 Writes kernels_<gpu-slug>.json (+ a roofline PNG when matplotlib is there) and prints a table
 and the `INT8_MIN_M` table for kernels/int8_linear.py's fp16 fallback policy.
 """
@@ -123,9 +126,21 @@ def int8_rows(name, M, N, K, device, peaks, gen):
                               None, None), error=err, shape=name)]
     w16 = (w_q.half() * w_scale.half()[:, None]).contiguous()  # same weight, fp16, (N, K)
     base = bench_ms(lambda: F.linear(x, w16, bias), device)
-    ours = bench_ms(lambda: k8.int8_linear(x, w_q, w_scale, bias), device)
-    rows = [make_row("int8_linear", M, N, K, ours, "cublas_fp16", base, flops,
-                     2 * M * K + N * K + 2 * M * N, peaks["int8_tops"], peaks["tbps"])]
+    two = lambda: k8.int8_linear(x, w_q, w_scale, bias, fused=False)  # noqa: E731
+    one = lambda: k8.int8_linear(x, w_q, w_scale, bias, fused=True)  # noqa: E731
+    nbytes = 2 * M * K + N * K + 2 * M * N
+    rows = [with_graph_ms(make_row("int8_linear", M, N, K, bench_ms(two, device), "cublas_fp16", base,
+                                   flops, nbytes, peaks["int8_tops"], peaks["tbps"]),
+                          two, lambda: F.linear(x, w16, bias), device)]
+    # one launch: quantization fused into the GEMM (kernels/int8_fused.py); its own try: a
+    # failure here must not lose the two-launch rows
+    try:
+        err = close(one(), naive.int8_linear_ref(x, w_q, w_scale, bias, naive.ACT_PER_TOKEN_I8))
+    except Exception as e:  # noqa: BLE001
+        err = f"{type(e).__name__}: {str(e)[:300]}"
+    row = make_row("int8_fused", M, N, K, None if err else bench_ms(one, device), "cublas_fp16", base,
+                   flops, nbytes, peaks["int8_tops"], peaks["tbps"])
+    rows.append(dict(row, error=err) if err else with_graph_ms(row, one, None, device, rows[0]))
     # GEMM alone (activations already int8) vs torch._int_mm, which also stops at int32
     q, s = k8.quantize_rows(x)
     gemm = bench_ms(lambda: k8.int8_matmul(q, s, w_q, w_scale, bias, torch.float16), device)
@@ -164,12 +179,36 @@ def int4_rows(name, M, N, K, device, peaks, gen, weights):
         return [dict(make_row("int4_linear", M, N, K, None, "cublas_fp16", None, flops, 1,
                               None, None), error=err, shape=name)]
     base = bench_ms(lambda: F.linear(x, w16), device)
-    ours = bench_ms(lambda: k4.int4_linear(x, qweight, scales, zp, None, K, INT4_BLOCK), device)
+    fn = lambda: k4.int4_linear(x, qweight, scales, zp, None, K, INT4_BLOCK)  # noqa: E731
     nbytes = 2 * M * K + qweight.numel() + 2 * scales.numel() + zp.numel() + 2 * M * N
-    row = make_row("int4_linear", M, N, K, ours, "cublas_fp16", base, flops, nbytes,
+    row = make_row("int4_linear", M, N, K, bench_ms(fn, device), "cublas_fp16", base, flops, nbytes,
                    peaks["fp16_tflops"], peaks["tbps"])
     row["shape"] = name
-    return [row]
+    return [with_graph_ms(row, fn, lambda: F.linear(x, w16), device)]
+
+
+def graph_ms(fn, device: torch.device) -> float | None:
+    """Median ms of fn replayed from a CUDA graph: the kernels' own time, without the host's
+    launch overhead that do_bench also measures at these sizes (no L2 flush). None off-GPU."""
+    if device.type != "cuda":
+        return None
+    import triton
+
+    try:
+        ms = triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=[0.5])
+    except Exception:  # noqa: BLE001  (a number less, not a failed row)
+        return None
+    return float(ms[0] if isinstance(ms, (list, tuple)) else ms)
+
+
+def with_graph_ms(row: dict, fn, base_fn, device, base_row: dict | None = None) -> dict:
+    """Adds ms_graph (ours) and baseline_ms_graph (cuBLAS), both replayed from CUDA graphs."""
+    row["ms_graph"] = graph_ms(fn, device)
+    row["baseline_ms_graph"] = base_row.get("baseline_ms_graph") if base_row else \
+        graph_ms(base_fn, device) if base_fn else None
+    if row["ms_graph"] and row["baseline_ms_graph"]:
+        row["speedup_graph"] = row["baseline_ms_graph"] / row["ms_graph"]
+    return row
 
 
 def int8_min_m(rows, shapes=SHAPES) -> dict[str, int]:
@@ -196,12 +235,15 @@ def fmt(v, spec):
 
 def print_table(rows):
     print(f"{'kernel':<12} {'shape':<15} {'M':>5} {'N':>6} {'K':>6} {'ms':>9} {'baseline':<13} "
-          f"{'base ms':>9} {'speedup':>7} {'TFLOP/s':>8} {'GB/s':>7} {'%peak':>6} {'%bw':>5}")
+          f"{'base ms':>9} {'speedup':>7} {'TFLOP/s':>8} {'GB/s':>7} {'%peak':>6} {'%bw':>5}"
+          f" {'graph ms':>9} {'base gr.':>9} {'sp. gr.':>7}")
     for r in rows:
         line = (f"{r['kernel']:<12} {r.get('shape', ''):<15} {r['M']:>5} {r['N']:>6} {r['K']:>6} "
                 f"{fmt(r['ms'], '9.4f')} {r['baseline']:<13} {fmt(r['baseline_ms'], '9.4f')} "
                 f"{fmt(r['speedup'], '7.2f')} {fmt(r['tflops'], '8.1f')} {fmt(r['gbps'], '7.0f')} "
-                f"{fmt(r['pct_peak_flops'], '6.1f')} {fmt(r['pct_peak_bw'], '5.1f')}")
+                f"{fmt(r['pct_peak_flops'], '6.1f')} {fmt(r['pct_peak_bw'], '5.1f')}"
+                f" {fmt(r.get('ms_graph'), '9.4f')} {fmt(r.get('baseline_ms_graph'), '9.4f')}"
+                f" {fmt(r.get('speedup_graph'), '7.2f')}")
         print(line + (f"  ERROR {r['error']}" if r.get("error") else "")
               + (f"  ({r['note']})" if r.get("note") else ""))
 
@@ -222,7 +264,7 @@ def plot_roofline(result: dict, path: Path) -> bool:
         for label, peak, style in (("fp16 roof", peaks["fp16_tflops"], "k--"),
                                    ("int8 roof", peaks["int8_tops"], "k:")):
             ax.plot(xs, [min(peak, peaks["tbps"] * x) for x in xs], style, label=label, lw=1)
-    markers = {"int8_linear": "o", "int8_gemm": "s", "int4_linear": "^"}
+    markers = {"int8_linear": "o", "int8_fused": "D", "int8_gemm": "s", "int4_linear": "^"}
     for kernel, marker in markers.items():
         rs = [r for r in result["rows"] if r["kernel"] == kernel and r["tflops"]]
         if rs:

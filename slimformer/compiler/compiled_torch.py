@@ -56,6 +56,7 @@ class TorchCompiledModel(CompiledModel):
         self.cuda_graphs = cuda_graphs
         self._runners: dict[torch.device, tuple[GraphModule, torch.dtype]] = {}
         self._graph_runners: dict[torch.device, CudaGraphRunner] = {}
+        self.gpu_rewrites: dict | None = None  # what rewrite_for_gpu changed (CUDA only)
 
     @property
     def program(self) -> torch.export.ExportedProgram:
@@ -92,7 +93,12 @@ class TorchCompiledModel(CompiledModel):
 
     def _prepare(self, device: torch.device) -> tuple[GraphModule, torch.dtype]:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        return retarget(self.module(), device, dtype), dtype
+        gm = retarget(self.module(), device, dtype)
+        if device.type == "cuda":  # fewer launches, no dispatcher (gpu_rewrites.py)
+            from slimformer.compiler.gpu_rewrites import rewrite_for_gpu
+
+            self.gpu_rewrites = rewrite_for_gpu(gm)
+        return gm, dtype
 
     def _write(self, tmp: Path) -> dict:
         from safetensors.torch import save_file

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from slimformer.kernels._triton import interpret_requested, m_bucket
-from slimformer.kernels.int8_linear import _autotune_extra
+from slimformer.kernels.int8_linear import _autotune_extra, cdiv
 
 INTERPRET = interpret_requested()
 SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256)  # tl.dot needs >= 16 columns in each nibble half
@@ -166,13 +166,17 @@ _int4_tuned = triton.autotune(
 )(_int4_matmul_kernel)
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown lock buffers, kept alive (see _locks)
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 split-K counters, one per output tile; kernels leave them zeroed again.
-    (Two split-K launches running concurrently on different streams would share them.)"""
+    (Two split-K launches running concurrently on different streams would share them.)
+    An outgrown buffer is never freed: a captured CUDA graph may still point at it."""
     buf = _LOCKS.get(device)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _LOCKS[device] = buf
     return buf
@@ -193,7 +197,7 @@ def int4_linear(
         raise ValueError(f"int4_linear: block_size {block_size} not in {SUPPORTED_BLOCK_SIZES}")
     if x.shape[-1] != K:
         raise ValueError(f"int4_linear: x has {x.shape[-1]} features, K={K}")
-    nb = triton.cdiv(K, block_size)
+    nb = cdiv(K, block_size)
     N = qweight.shape[0]
     x2 = x.reshape(-1, K)  # (M, K)
     if x2.stride(1) != 1:
@@ -211,13 +215,14 @@ def int4_linear(
     b = bias.contiguous() if bias is not None else scales
     max_split = (config or {}).get("SPLIT_K", MAX_SPLIT_K if M <= 16 else 1)
     ws = torch.empty((max_split, M, N), dtype=torch.float32, device=x.device) if max_split > 1 else y
-    locks = _locks(x.device, triton.cdiv(M, 16) * triton.cdiv(N, 16))
+    # counters only where split-K may run (M <= 16): big M must not grow the buffer
+    locks = _locks(x.device, cdiv(M, 16) * cdiv(N, 16) if max_split > 1 else 1)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     args = (x2, qweight, scales, zp, b, y, ws, locks,
-            M, N, K, m_bucket(M), nb, triton.cdiv(nb, 2), x2.stride(0), y.stride(0))
+            M, N, K, m_bucket(M), nb, cdiv(nb, 2), x2.stride(0), y.stride(0))
     meta = dict(HAS_ZP=zero_points is not None, HAS_BIAS=bias is not None,
                 EVEN_K=K % block_size == 0, GROUP=block_size,
                 PRECISION="ieee" if dot_f32 else "tf32", DOT_F32=dot_f32)

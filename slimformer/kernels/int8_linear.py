@@ -25,7 +25,9 @@ order of fp32 multiplies (a GPU may fuse the bias add into an FMA: an ulp, no mo
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 
 import torch
 import triton
@@ -34,6 +36,9 @@ import triton.language as tl
 from slimformer.kernels._triton import interpret_requested, m_bucket, next_pow2
 
 INTERPRET = interpret_requested()  # kernels below were built for the interpreter
+# Quantization fused into the GEMM (one launch, int8_fused.py) instead of the two launches
+# below, for every int8_linear call; the default stays two launches until measured on a GPU.
+FUSED_QUANT = os.environ.get("SLIMFORMER_INT8_FUSED", "0") == "1"
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prologue: per-token int8 quantization
@@ -49,9 +54,21 @@ def _rint(v):
 
 
 @triton.jit
+def _smoothed(x, c_ptr, cols, mask, HAS_SMOOTH: tl.constexpr):
+    """x (BM, BK) fp32 from x's dtype; with HAS_SMOOTH x * c[cols], rounded back to x's dtype:
+    the SmoothQuant multiply the graph would run before the op, bit for bit (a product of two
+    fp16 / bf16 values is exact in fp32, so one rounding gives the same value as torch.mul)."""
+    if HAS_SMOOTH:
+        c = tl.load(c_ptr + cols, mask=mask, other=0.0)  # (BK,) in x's dtype
+        x = (x * c.to(tl.float32)[None, :]).to(c_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _quant_rows_kernel(
-    x_ptr, q_ptr, s_ptr,  # x (M, K) float, q (M, K) int8, s (M,) fp32
+    x_ptr, q_ptr, s_ptr, c_ptr,  # x (M, K) float, q (M, K) int8, s (M,) fp32, c (K,) x's dtype
     M, K, stride_xm, stride_qm,
+    HAS_SMOOTH: tl.constexpr,  # x * c before quantizing (a folded SmoothQuant multiply)
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
@@ -63,6 +80,7 @@ def _quant_rows_kernel(
     if ONE_TILE:  # the whole row fits: one read of x
         mask = row_ok[:, None] & (cols[None, :] < K)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (BM, BK)
+        x = _smoothed(x, c_ptr, cols, cols < K, HAS_SMOOTH)
         amax = tl.max(tl.abs(x), axis=1)  # (BM,)
         scale = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)
         q = _rint(tl.math.div_rn(x, scale[:, None]))
@@ -73,11 +91,13 @@ def _quant_rows_kernel(
         for k in range(0, K, BLOCK_K):
             mask = row_ok[:, None] & (k + cols[None, :] < K)
             x = tl.load(x_rows + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _smoothed(x, c_ptr, k + cols, k + cols < K, HAS_SMOOTH)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         scale = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)
         for k in range(0, K, BLOCK_K):
             mask = row_ok[:, None] & (k + cols[None, :] < K)
             x = tl.load(x_rows + k + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _smoothed(x, c_ptr, k + cols, k + cols < K, HAS_SMOOTH)
             q = _rint(tl.math.div_rn(x, scale[:, None]))
             q = tl.minimum(tl.maximum(q, -127.0), 127.0)
             tl.store(q_rows + k + cols[None, :], q.to(tl.int8), mask=mask)
@@ -87,23 +107,39 @@ def _quant_rows_kernel(
 def quant_launch_params(K: int, max_block_k: int = 16384) -> dict:
     """Meta-parameters of `_quant_rows_kernel` for rows of K: a whole row per tile up to
     16384 columns (Llama's 11008 included), several short rows per program."""
+    return dict(_quant_params(K, max_block_k))
+
+
+@functools.cache  # on the per-call host path
+def _quant_params(K: int, max_block_k: int) -> tuple:
     block_k = min(next_pow2(K), max_block_k)
-    return dict(
+    return tuple(dict(
         BLOCK_M=max(1, min(16, 2048 // block_k)), BLOCK_K=block_k, ONE_TILE=block_k >= K,
         num_warps=4 if block_k <= 2048 else 8 if block_k <= 4096 else 16,
-    )
+    ).items())
 
 
-def quantize_rows(x: torch.Tensor, max_block_k: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float -> q (M, K) int8, scale (M,) fp32; `naive.quantize_per_token_i8`."""
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (newer Tritons make `triton.cdiv` a constexpr function, several
+    microseconds a call on the per-call path)."""
+    return -(-a // b)
+
+
+def quantize_rows(x: torch.Tensor, max_block_k: int = 16384,
+                  smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float -> q (M, K) int8, scale (M,) fp32; `naive.quantize_per_token_i8`.
+    smooth (K,) in x's dtype: quantize (x * smooth) instead, as if the graph had multiplied."""
     M, K = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
-    meta = quant_launch_params(K, max_block_k)
-    grid = (triton.cdiv(M, meta["BLOCK_M"]),)
-    _quant_rows_kernel[grid](x, q, s, M, K, x.stride(0), q.stride(0), **meta)
+    if smooth is not None and (smooth.dtype != x.dtype or smooth.shape != (K,) or smooth.stride(0) != 1):
+        smooth = smooth.reshape(K).to(x.dtype).contiguous()
+    meta = dict(_quant_params(K, max_block_k))
+    _quant_rows_kernel[(cdiv(M, meta["BLOCK_M"]),)](
+        x, q, s, x if smooth is None else smooth, M, K, x.stride(0), q.stride(0),
+        HAS_SMOOTH=smooth is not None, **meta)
     return q, s
 
 
@@ -240,12 +276,16 @@ def int8_matmul(
     c = torch.empty((M, N), dtype=torch.int32 if raw_acc else out_dtype, device=a_q.device)
     if M == 0:
         return c
-    a_scale = a_scale.float().contiguous()
-    w_scale = w_scale.float().contiguous()
-    bias_arg = bias.contiguous() if bias is not None else w_scale  # dummy pointer if no bias
+    if a_scale.dtype != torch.float32 or a_scale.stride(0) != 1:
+        a_scale = a_scale.float().contiguous()
+    if w_scale.dtype != torch.float32 or w_scale.stride(0) != 1:
+        w_scale = w_scale.float().contiguous()
+    bias_arg = bias if bias is None or bias.stride(0) == 1 else bias.contiguous()
+    if bias_arg is None:
+        bias_arg = w_scale  # dummy pointer if no bias
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
     args = (a_q, w_q, c, a_scale, w_scale, bias_arg, M, N, K, m_bucket(M),
             a_q.stride(0), w_q.stride(0), c.stride(0))
@@ -265,13 +305,19 @@ def int8_linear(
     w_q: torch.Tensor,  # (N, K) int8
     w_scale: torch.Tensor,  # (N,) fp32
     bias: torch.Tensor | None,  # (N,) or None
+    smooth: torch.Tensor | None = None,  # (K,): int8_linear(x * smooth, ...), one launch less
+    fused: bool | None = None,  # one launch (int8_fused.py); None: FUSED_QUANT
 ) -> torch.Tensor:
     """`slimformer::int8_linear` with act_mode=ACT_PER_TOKEN_I8, on Triton. Output (..., N)."""
+    if FUSED_QUANT if fused is None else fused:
+        from slimformer.kernels.int8_fused import int8_linear_fused
+
+        return int8_linear_fused(x, w_q, w_scale, bias, smooth)
     K = x.shape[-1]
     x2 = x.reshape(-1, K)  # (M, K)
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], w_q.shape[0]))
-    q, s = quantize_rows(x2)
+    q, s = quantize_rows(x2, smooth=smooth)
     y = int8_matmul(q, s, w_q, w_scale, bias, x.dtype)  # (M, N)
     return y.reshape(*x.shape[:-1], w_q.shape[0])
 
@@ -285,6 +331,9 @@ def int8_linear(
 # the target GPU; until then `prefer_int8` uses the rule below.
 # Measured by bench/gpu.sh on an NVIDIA H200 (triton 3.6, torch 2.11), 2026-11-27: at BERT-base
 # shapes the per-token quantization launch plus the GEMM never beat cuBLAS fp16 (bench/results/).
+# Caveats: those times were do_bench without CUDA graphs, i.e. bound by the host's two launches
+# (~0.065 ms floor) rather than by the kernels (bench/kernels.py now reports `ms_graph` too); and
+# no run-time path consults `prefer_int8` yet: every slimformer::int8_linear runs int8 kernels.
 NEVER = 1 << 30
 INT8_MIN_M: dict[tuple[int, int], int] = {
     (768, 768): NEVER, (3072, 768): NEVER, (768, 3072): NEVER,

@@ -24,11 +24,19 @@ def int8_linear(
     act_mode: int,
 ) -> torch.Tensor:
     """y = dequant(quant(x) @ w_q.T) + bias. x: (..., K); w_q: (N, K) int8; w_scale: (N,)."""
+    return int8_linear_impl(x, w_q, w_scale, bias, act_mode)
+
+
+def int8_linear_impl(x, w_q, w_scale, bias, act_mode: int, smooth: torch.Tensor | None = None):
+    """The op's body, also called directly (no dispatcher) by the GPU runtime graph
+    (compiler/gpu_rewrites.py); smooth (K,): the op applied to x * smooth."""
     if act_mode == naive.ACT_PER_TOKEN_I8 and use_triton(x):
         from slimformer.kernels import int8_linear as k
 
         check_mode(k.INTERPRET, x)
-        return k.int8_linear(x, w_q, w_scale, bias)
+        return k.int8_linear(x, w_q, w_scale, bias, smooth)
+    if smooth is not None:
+        x = x * smooth
     # act_mode 0 (ORT's per-tensor uint8) runs its reference everywhere, the GPU included.
     return naive.int8_linear_ref(x, w_q, w_scale, bias, act_mode)
 
@@ -57,6 +65,11 @@ def int4_linear(
     x: (..., K); qweight: (N, n_blocks, block_size // 2) uint8; scales: (N, n_blocks);
     zero_points: (N, ceil(n_blocks / 2)) uint8 packed, or None for 8; bias: (N,) or None.
     """
+    return int4_linear_impl(x, qweight, scales, zero_points, bias, K, block_size)
+
+
+def int4_linear_impl(x, qweight, scales, zero_points, bias, K: int, block_size: int):
+    """The op's body, also called directly (no dispatcher) by the GPU runtime graph."""
     if use_triton(x):
         from slimformer.kernels import int4_linear as k
 

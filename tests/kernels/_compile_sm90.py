@@ -54,12 +54,23 @@ def int8_kernels():
     consts = dict(HAS_BIAS=False, RAW_ACC=False, EVEN_K=False, **cfg.kwargs)
     yield build("int8_matmul", k8._int8_matmul_kernel, {**sig, "c_ptr": "*bf16"}, consts,
                 cfg.num_warps, cfg.num_stages, aligned)
-    qsig = dict(x_ptr="*fp16", q_ptr="*i8", s_ptr="*fp32", M="i32", K="i32",
+    from slimformer.kernels import int8_fused as kf
+
+    fsig = dict(x_ptr="*fp16", b_ptr="*i8", c_ptr="*fp16", sb_ptr="*fp32", bias_ptr="*fp16",
+                smooth_ptr="*fp16", M="i32", N="i32", K="i32", M_BUCKET="i32",
+                stride_xm="i32", stride_bn="i32", stride_cm="i32")
+    for i, cfg in enumerate(kf.CONFIGS_SMALL_M + kf.CONFIGS_MID_M + kf.CONFIGS_LARGE_M):
+        consts = dict(HAS_BIAS=True, HAS_SMOOTH=i % 2 == 0, EVEN_K=True, **cfg.kwargs)
+        yield build("int8_fused", kf._int8_fused_kernel, fsig, consts, cfg.num_warps,
+                    cfg.num_stages, ("N", "K", "stride_xm", "stride_bn", "stride_cm"))
+    qsig = dict(x_ptr="*fp16", q_ptr="*i8", s_ptr="*fp32", c_ptr="*fp16", M="i32", K="i32",
                 stride_xm="i32", stride_qm="i32")
     for K in (768, 4096, 11008, 20000):  # BERT, Llama, Llama's FFN, a two-pass row
-        meta = k8.quant_launch_params(K)
-        warps = meta.pop("num_warps")
-        yield build("quant_rows", k8._quant_rows_kernel, qsig, meta, warps, 1, ("K", "stride_xm"))
+        for smooth in (False, True):  # with a folded SmoothQuant multiply
+            meta = k8.quant_launch_params(K)
+            warps = meta.pop("num_warps")
+            yield build("quant_rows", k8._quant_rows_kernel, qsig, {**meta, "HAS_SMOOTH": smooth},
+                        warps, 1, ("K", "stride_xm"))
 
 
 def int4_kernels():

@@ -47,14 +47,14 @@ def compiled():
 
 def test_every_kernel_built(compiled):
     names = {r["name"] for r in compiled}
-    assert names == {"int8_matmul", "quant_rows", "int4_matmul"}
+    assert names == {"int8_matmul", "int8_fused", "quant_rows", "int4_matmul"}
     for r in compiled:
         assert r["cubin_bytes"] > 0, r  # ptxas ran: a real sm_90 binary
         assert r["shared"] <= H100_MAX_SHARED, r
 
 
 def test_int8_gemm_uses_int8_tensor_cores(compiled):
-    for r in (r for r in compiled if r["name"] == "int8_matmul"):
+    for r in (r for r in compiled if r["name"] in ("int8_matmul", "int8_fused")):
         assert r["mma"], f"no mma/wgmma in the PTX of {r}"
         assert all(".s8.s8" in op for op in r["mma"]), r["mma"]  # int8 x int8 -> int32
         if int(r["consts"]["BLOCK_M"]) >= 64:  # Hopper's warpgroup MMA for the big tiles

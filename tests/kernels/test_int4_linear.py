@@ -112,3 +112,21 @@ def test_torch_export_with_dynamic_batch():
     assert torch.ops.slimformer.int4_linear.default in targets
     x2 = torch.randn(6, 3, K, generator=gen)
     assert torch.equal(ep.module()(x2), mod(x2))
+
+
+def test_split_k_counters_outlive_growth(monkeypatch):
+    """A captured CUDA graph keeps the counters' address: growing must not free the old buffer,
+    and large-M calls (no split-K) must not grow it at all."""
+    monkeypatch.setattr(k4, "_LOCKS", {})
+    monkeypatch.setattr(k4, "_RETIRED", [])
+    dev = torch.device("cpu")
+    first = k4._locks(dev, 10)
+    assert first.numel() == 4096 and k4._locks(dev, 4096) is first
+    gen = torch.Generator().manual_seed(0)
+    q, s, zp = quantize_int4_rtn(torch.randn(1100, 64, generator=gen), 32)
+    qweight, scales, zps = pack_int4_matmulnbits(q, s, zp, 32)
+    x = torch.randn(1024, 64, generator=gen)  # 64 x 69 tiles of 16 > 4096, but no split-K
+    k4.int4_linear(x, qweight, scales, zps, None, 64, 32)
+    assert k4._LOCKS[dev] is first and not k4._RETIRED
+    bigger = k4._locks(dev, 5000)
+    assert bigger is not first and k4._RETIRED == [first]

@@ -61,6 +61,29 @@ def test_quantize_rows_bit_exact(dtype, max_block_k):
     assert torch.equal(s, s_ref[:, 0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("max_block_k", [16384, 256])
+def test_quantize_rows_with_folded_smoothing_bit_exact(dtype, max_block_k):
+    """smooth=c quantizes exactly what torch's x * c (in x's dtype) would hand the kernel."""
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(33, 1093, generator=gen) * 3).to(dtype)
+    c = (torch.rand(1093, generator=gen) * 4 + 0.05).to(dtype)
+    q, s = k8.quantize_rows(x, max_block_k=max_block_k, smooth=c)
+    xc = x * c
+    if dtype == torch.bfloat16:  # the interpreter truncates fp32 -> bf16 (the GPU rounds, as torch)
+        xc = ((x.float() * c.float()).view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    q_ref, s_ref = naive.quantize_per_token_i8(xc)
+    assert torch.equal(q.float(), q_ref) and torch.equal(s, s_ref[:, 0])
+    y = ops.int8_linear_impl(x, torch.ones(5, 1093, dtype=torch.int8), torch.ones(5), None,
+                             naive.ACT_PER_TOKEN_I8, smooth=c)
+    ref = naive.int8_linear_ref(xc, torch.ones(5, 1093, dtype=torch.int8), torch.ones(5), None,
+                                naive.ACT_PER_TOKEN_I8)
+    if dtype == torch.bfloat16:  # the output store truncates under the interpreter too
+        assert_close_ulps(y, ref)
+    else:
+        assert torch.equal(y, ref)
+
+
 @pytest.mark.parametrize("M", [1, 17, 129])
 @pytest.mark.parametrize("K", [1093, 1152])  # masked K tail / whole K tiles (EVEN_K)
 def test_int32_accumulator_exact(M, K):
@@ -170,3 +193,48 @@ def test_prefer_int8_policy():
     finally:
         k8.INT8_MIN_M.clear()
         k8.INT8_MIN_M.update(saved)
+
+
+# --- one launch: quantization fused into the GEMM (kernels/int8_fused.py) ---------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 17, 129])
+@pytest.mark.parametrize("K", [1093, 1152])  # masked K tail / whole K tiles
+def test_fused_int8_linear_matches_reference(dtype, M, K):
+    """Same numbers as the reference and the two-launch path: big exact integer sums included."""
+    gen = torch.Generator().manual_seed(M + K)
+    N = 781
+    a, w_q = big_sum_operands(gen, M, N, K)
+    x = (a.float() * (torch.rand(M, 1, generator=gen) + 0.5)).to(dtype)
+    w_scale = torch.rand(N, generator=gen) * 1e-4
+    bias = torch.randn(N, generator=gen).to(dtype)
+    y = k8.int8_linear(x, w_q, w_scale, bias, fused=True)
+    ref = naive.int8_linear_ref(x, w_q, w_scale, bias, naive.ACT_PER_TOKEN_I8)
+    two = k8.int8_linear(x, w_q, w_scale, bias, fused=False)
+    if dtype == torch.bfloat16:  # the interpreter's bf16 store truncates (both paths alike)
+        assert_close_ulps(y, ref)
+        assert torch.equal(y, two)
+    else:
+        assert torch.equal(y, ref) and torch.equal(y, two)
+
+
+@pytest.mark.parametrize("config", [
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32),  # many K steps in both loops, many tiles
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=256, GROUP_M=2),
+])
+def test_fused_other_tiles_and_smoothing(config):
+    from slimformer.kernels.int8_fused import int8_linear_fused
+
+    gen = torch.Generator().manual_seed(4)
+    M, N, K = 70, 45, 1093
+    x = (torch.randn(2, M // 2, K, generator=gen) * 3).half()  # (..., K): leading dims kept
+    x[0, 3] = 0.0  # an all-zero row
+    c = (torch.rand(K, generator=gen) * 4 + 0.05).half()
+    w_q = near_127(gen, N, K)
+    w_scale = torch.rand(N, generator=gen) * 1e-3
+    y = int8_linear_fused(x, w_q, w_scale, None, smooth=c, config=config)
+    assert y.shape == (2, M // 2, N) and y.dtype == torch.float16
+    ref = naive.int8_linear_ref(x * c, w_q, w_scale, None, naive.ACT_PER_TOKEN_I8)
+    assert torch.equal(y, ref)
+    assert torch.equal(y, k8.int8_linear(x, w_q, w_scale, None, smooth=c, fused=False))
