@@ -233,10 +233,10 @@ def graph_state(compiled, device: torch.device) -> str:
 
 def print_table(result: dict) -> None:
     print(f"\nBERT-base e2e on {result['device']}, batch {result['batch']} x seq {result['seq']}")
-    print(f"{'system':<28} {'ms':>9} {'vs fp16':>8} {'cos min':>9} {'cos mean':>9} {'compile s':>9}"
+    print(f"{'system':<34} {'ms':>9} {'vs fp16':>8} {'cos min':>9} {'cos mean':>9} {'compile s':>9}"
           f" {'issue ms':>9} {'total ms':>9}  graphs")
     for r in result["rows"]:
-        line = (f"{r['name']:<28} {_cell(r, 'ms', '9.3f')} {_cell(r, 'speedup_vs_cuda_fp16', '8.2f')} "
+        line = (f"{r['name']:<34} {_cell(r, 'ms', '9.3f')} {_cell(r, 'speedup_vs_cuda_fp16', '8.2f')} "
                 f"{_cell(r, 'cos_min', '9.5f')} {_cell(r, 'cos_mean', '9.5f')} {_cell(r, 'compile_s', '9.1f')}"
                 f" {_cell(r, 'host_issue_ms', '9.3f')} {_cell(r, 'host_total_ms', '9.3f')}  {r.get('cuda_graphs', '')}")
         print(line + (f"  ERROR {r['error']}" if r.get("error") else ""))

@@ -71,7 +71,8 @@ def host_vs_device(fn, device: torch.device, n: int = 10) -> dict:
 
 def profile_forward(fn, device: torch.device) -> dict:
     """One (already warmed-up) forward under torch.profiler: top ops by self device and self
-    CPU time, kernel count by kind, host wall time vs summed kernel time."""
+    CPU time (kernels and host-side ops ranked apart), kernel count by kind, host wall time vs
+    summed kernel time."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -93,10 +94,12 @@ def profile_forward(fn, device: torch.device) -> dict:
         kinds[k] += 1
         kind_us[k] += _self_device_us(e)
     launches = sum(1 for e in events if e.name in LAUNCH_CALLS)
-    avgs = [a for a in prof.key_averages() if not _is_device(a) or device.type == "cuda"]
+    avgs = list(prof.key_averages())
+    kernel_avgs = [a for a in avgs if _is_device(a)]  # kernels (memcpy / memset included)
+    cpu_avgs = [a for a in avgs if not _is_device(a)]  # ops, Python-side launch calls
 
-    def top(key):
-        rows = sorted(avgs, key=key, reverse=True)[:TOP]
+    def top(rows, key):
+        rows = sorted(rows, key=key, reverse=True)[:TOP]
         return [{"name": a.key[:90], "count": a.count, "self_device_us": round(_self_device_us(a), 1),
                  "self_cpu_us": round(float(a.self_cpu_time_total), 1)} for a in rows]
 
@@ -108,8 +111,8 @@ def profile_forward(fn, device: torch.device) -> dict:
         "kernels_by_kind": dict(kinds.most_common()),
         "device_ms_by_kind": {k: round(v / 1e3, 3) for k, v in kind_us.most_common()},
         "slimformer_ops": dict(ops),
-        "top_self_device": top(_self_device_us) if device.type == "cuda" else [],
-        "top_self_cpu": top(lambda a: float(a.self_cpu_time_total)),
+        "top_self_device": top(kernel_avgs, _self_device_us),
+        "top_self_cpu": top(cpu_avgs, lambda a: float(a.self_cpu_time_total)),
     }
 
 
