@@ -7,8 +7,9 @@
 
 Rows: torch fp16 eager (`model.half()`, the reference), slimformer cuda-fp16 (the same graph
 run from torch.export), cuda-int8 (SmoothQuant + GPTQ W8A8, Triton), cuda-int4 (GPTQ W4A16,
-block 32, Triton), cuda-int8 one-launch (the same model with kernels/int8_fused.py: per-token
-quantization fused into the GEMM); each slimformer row twice: replayed from CUDA graphs (the
+block 32, Triton: from 128 rows the weight is dequantized to fp16 for cuBLAS), cuda-int8
+one-launch (the same model with kernels/int8_fused.py: per-token quantization fused into the
+GEMM), cuda-int4 fused-kernel (the int4 GEMM kernel at every M); each slimformer row twice: replayed from CUDA graphs (the
 default) and "(no graphs)", the forward issued op by op from Python. On the GPU the runtime graph
 is rewritten first (compiler/gpu_rewrites.py: q/k/v fused, SmoothQuant multiplies folded into
 the int8 quantization; fp16 gets the q/k/v fusion too): `gpu_rewrites` in each row says what
@@ -45,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make `slimformer` and `bench` 
 
 TARGETS = ("cuda-fp16", "cuda-int8", "cuda-int4")
 BUDGET_S = 170.0  # stop starting new systems after this; gpu.sh's timeout is the hard stop
+DEQUANT_MIN_M = int(os.environ.get("SLIMFORMER_INT4_DEQUANT_MIN_M", "128"))  # int4_linear's default
 
 
 def build_model(dry_run: bool) -> torch.nn.Module:
@@ -119,7 +121,6 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
     import slimformer
     from bench.gpu_profile import host_vs_device, print_profile, profile_forward
     from bench.kernels import slug
-    from slimformer.kernels import int8_linear as k8
 
     model = build_model(dry_run)
     x_cpu = random_batch(model, batch, seq, seed=0)
@@ -167,9 +168,8 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
             print(f"[{time.time() - t0:6.1f}s] {target}: {row['error']}", flush=True)
             continue
         fn = lambda c=compiled: c(**x)  # noqa: E731
-        # cuda-int8 also with the one-launch kernel (quantization fused into the GEMM)
-        for variant in ("", " one-launch") if target == "cuda-int8" else ("",):
-            k8.FUSED_QUANT = bool(variant)
+        for variant in VARIANTS.get(target, ("",)):
+            kernel_variant(variant)
             compiled._graph_runners.clear()  # captured graphs hold the other kernel
             for graphs in (True, False):
                 r = row if graphs and not variant else {"name": f"{target}{variant}"}
@@ -188,7 +188,7 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
                     r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"[{time.time() - t0:6.1f}s] {r['name']}: "
                       + (r.get("error") or f"{r['ms']:.3f} ms, cos min {r['cos_min']:.5f}"), flush=True)
-        k8.FUSED_QUANT = False
+        kernel_variant("")
         try:  # no graphs: every op and kernel shows
             profiles[target] = profile_forward(fn, device)
         except Exception as e:
@@ -221,6 +221,20 @@ def run(out_dir: str | os.PathLike | None, dry_run: bool = False, batch: int | N
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path} in {result['wall_s']} s")
     return result
+
+
+# Kernel variants measured on the same compiled model (no recompiling): cuda-int8 with the
+# one-launch kernel (quantization fused into the GEMM), cuda-int4 with its fused kernel at every
+# M (the default dequantizes to fp16 and runs cuBLAS from M >= 128).
+VARIANTS = {"cuda-int8": ("", " one-launch"), "cuda-int4": ("", " fused-kernel")}
+
+
+def kernel_variant(variant: str) -> None:
+    from slimformer.kernels import int4_linear as k4
+    from slimformer.kernels import int8_linear as k8
+
+    k8.FUSED_QUANT = variant == " one-launch"
+    k4.DEQUANT_MIN_M = 1 << 30 if variant == " fused-kernel" else DEQUANT_MIN_M
 
 
 def graph_state(compiled, device: torch.device) -> str:

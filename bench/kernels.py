@@ -10,7 +10,9 @@ Rows (N, K = output, input features): BERT-base 768x768, 3072x768, 768x3072; Lla
 4096x4096, 11008x4096, 4096x11008. int8_linear (act_mode 1, fp16 activations, per-token
 quantization included: two launches) and int8_fused (the same in one launch, quantization fused
 into the GEMM) vs cuBLAS fp16 at M = 1, 16, 128, 2048, 4096, and its GEMM alone vs
-torch._int_mm; int4_linear (block 128, asymmetric) vs cuBLAS fp16 at M = 1, 16, 128, 2048.
+torch._int_mm; int4_linear (block 128, asymmetric; the fused kernel) and int4_dequant (weight
+dequantized to fp16, then cuBLAS: the op's path from M >= 128) vs cuBLAS fp16 at M = 1, 16,
+128, 2048.
 Each kernel is checked against its reference on the GPU before it is timed (a wrong kernel
 gives an error row, not a time). Times: triton.testing.do_bench (median, L2 flushed); for the
 linears also `ms_graph` / `baseline_ms_graph`, replayed from a CUDA graph (the kernels' own
@@ -172,19 +174,31 @@ def int4_rows(name, M, N, K, device, peaks, gen, weights):
         weights[(N, K)] = (w.half(), *pack_int4_matmulnbits(q, s.half(), zp, INT4_BLOCK))
     w16, qweight, scales, zp = weights[(N, K)]
     x = torch.randn(M, K, device=device, generator=gen).half()
-    err = close(k4.int4_linear(x, qweight, scales, zp, None, K, INT4_BLOCK),
-                naive.int4_linear_ref(x, qweight, scales, zp, None, K, INT4_BLOCK))
+    ref = naive.int4_linear_ref(x, qweight, scales, zp, None, K, INT4_BLOCK)
+    err = close(k4.int4_linear(x, qweight, scales, zp, None, K, INT4_BLOCK, dequant=False), ref)
     flops = 2 * M * N * K
     if err:
         return [dict(make_row("int4_linear", M, N, K, None, "cublas_fp16", None, flops, 1,
                               None, None), error=err, shape=name)]
     base = bench_ms(lambda: F.linear(x, w16), device)
-    fn = lambda: k4.int4_linear(x, qweight, scales, zp, None, K, INT4_BLOCK)  # noqa: E731
+    fn = lambda: k4.int4_linear(x, qweight, scales, zp, None, K, INT4_BLOCK, dequant=False)  # noqa: E731
     nbytes = 2 * M * K + qweight.numel() + 2 * scales.numel() + zp.numel() + 2 * M * N
     row = make_row("int4_linear", M, N, K, bench_ms(fn, device), "cublas_fp16", base, flops, nbytes,
                    peaks["fp16_tflops"], peaks["tbps"])
-    row["shape"] = name
-    return [with_graph_ms(row, fn, lambda: F.linear(x, w16), device)]
+    rows = [with_graph_ms(row, fn, lambda: F.linear(x, w16), device)]
+    # many-token path: dequantize to fp16, then cuBLAS (kernels/int4_dequant.py; the op's choice
+    # from M >= k4.DEQUANT_MIN_M); its own try: a failure must not lose the row above
+    deq = lambda: k4.int4_linear(x, qweight, scales, zp, None, K, INT4_BLOCK, dequant=True)  # noqa: E731
+    try:
+        err = close(deq(), ref)
+    except Exception as e:  # noqa: BLE001
+        err = f"{type(e).__name__}: {str(e)[:300]}"
+    row = make_row("int4_dequant", M, N, K, None if err else bench_ms(deq, device), "cublas_fp16", base,
+                   flops, nbytes + 4 * N * K, peaks["fp16_tflops"], peaks["tbps"])
+    rows.append(dict(row, error=err) if err else with_graph_ms(row, deq, None, device, rows[0]))
+    for r in rows:
+        r["shape"] = name
+    return rows
 
 
 def graph_ms(fn, device: torch.device) -> float | None:
@@ -264,7 +278,8 @@ def plot_roofline(result: dict, path: Path) -> bool:
         for label, peak, style in (("fp16 roof", peaks["fp16_tflops"], "k--"),
                                    ("int8 roof", peaks["int8_tops"], "k:")):
             ax.plot(xs, [min(peak, peaks["tbps"] * x) for x in xs], style, label=label, lw=1)
-    markers = {"int8_linear": "o", "int8_fused": "D", "int8_gemm": "s", "int4_linear": "^"}
+    markers = {"int8_linear": "o", "int8_fused": "D", "int8_gemm": "s", "int4_linear": "^",
+               "int4_dequant": "v"}
     for kernel, marker in markers.items():
         rs = [r for r in result["rows"] if r["kernel"] == kernel and r["tflops"]]
         if rs:

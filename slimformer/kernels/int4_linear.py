@@ -1,5 +1,8 @@
 """W4A16 linear on ONNX Runtime's MatMulNBits packing: y = x @ dequant(W).T + bias.
 
+(Many tokens, M >= DEQUANT_MIN_M: the weight is dequantized to fp16 and cuBLAS runs the GEMM,
+see int4_dequant.py; what follows is the fused kernel for the rest.)
+
 Motivation
 ----------
 Decoding a language model multiplies one token (M = 1) or a handful (M <= 16) by every weight
@@ -23,6 +26,8 @@ block's scale is applied to the fp32 partial product, once per (row, block), not
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -148,6 +153,11 @@ CONFIGS_MID_M = [_cfg(32, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(64, 128, 1, 
 CONFIGS_LARGE_M = [_cfg(64, 128, 1, 4, 4), _cfg(128, 64, 1, 3, 8), _cfg(64, 64, 1, 4, 4)]
 CONFIGS_INTERPRET = [_cfg(32, 128, 1, 1, 4)]
 MAX_SPLIT_K = 4
+# From this many rows on, dequantize to fp16 and run cuBLAS (int4_dequant.py) instead of the
+# fused kernel, which is a decoding kernel: on the H200 it lost to cuBLAS fp16 by 3-12x at
+# M = 128 and 2048 with the GPU, not the host, the bottleneck. SLIMFORMER_INT4_DEQUANT_MIN_M
+# overrides it (bench/kernels.py measures both paths at every M).
+DEQUANT_MIN_M = int(os.environ.get("SLIMFORMER_INT4_DEQUANT_MIN_M", "128"))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -191,6 +201,7 @@ def int4_linear(
     K: int,
     block_size: int,
     config: dict | None = None,  # fixed meta-parameters instead of autotuning (tests)
+    dequant: bool | None = None,  # fp16 weight + cuBLAS (int4_dequant.py); None: M >= DEQUANT_MIN_M
 ) -> torch.Tensor:
     """`slimformer::int4_linear` on Triton. Output (..., N) in x's dtype."""
     if block_size not in SUPPORTED_BLOCK_SIZES:
@@ -209,6 +220,11 @@ def int4_linear(
                          f"{tuple(scales.shape)} do not fit N={N}, K={K}, block_size={block_size}")
     if M == 0:
         return x.new_empty((*x.shape[:-1], N))
+    if config is None and (M >= DEQUANT_MIN_M if dequant is None else dequant):
+        from slimformer.kernels.int4_dequant import int4_linear_dequant
+
+        y = int4_linear_dequant(x2, qweight, scales, zero_points, bias, K, block_size)
+        return y.reshape(*x.shape[:-1], N)
     dot_f32 = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     zp = zero_points.contiguous() if zero_points is not None else qweight  # dummy if absent

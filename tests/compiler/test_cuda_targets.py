@@ -137,7 +137,7 @@ def test_e2e_gpu_bench_dry_run(tmp_path):
     result = bench.run(tmp_path, dry_run=True, calib_batches=1)
     saved = json.loads((tmp_path / "e2e_gpu_cpu-dry-run.json").read_text())
     names = [r["name"] for r in saved["rows"]][1:]
-    systems = ("cuda-fp16", "cuda-int8", "cuda-int8 one-launch", "cuda-int4")
+    systems = ("cuda-fp16", "cuda-int8", "cuda-int8 one-launch", "cuda-int4", "cuda-int4 fused-kernel")
     assert names == [n for t in systems for n in (t, f"{t} (no graphs)")]
     for r in saved["rows"]:
         assert not r.get("error") and r["ms"] > 0 and r["cos_min"] > 0.98, r

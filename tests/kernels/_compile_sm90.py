@@ -90,9 +90,19 @@ def int4_kernels():
                 cfg.num_warps, cfg.num_stages, aligned)
 
 
+def int4_dequant_kernels():
+    from slimformer.kernels import int4_dequant as kd
+
+    sig = dict(qw_ptr="*u8", s_ptr="*fp32", zp_ptr="*u8", w_ptr="*fp16", N="i32", K="i32",
+               N_BLOCKS="i32", ZP_STRIDE="i32")
+    for group, has_zp in ((32, True), (128, False)):
+        consts = dict(HAS_ZP=has_zp, GROUP=group, BLOCK_N=max(1, min(64, 4096 // group)))
+        yield build("int4_dequant", kd._dequant_kernel, sig, consts, 4, 1, ("K", "N_BLOCKS"))
+
+
 def main():
-    which = sys.argv[1:] or ["int8", "int4"]
-    gens = {"int8": int8_kernels, "int4": int4_kernels}
+    which = sys.argv[1:] or ["int8", "int4", "int4_dequant"]
+    gens = {"int8": int8_kernels, "int4": int4_kernels, "int4_dequant": int4_dequant_kernels}
     for w in which:
         for rec in gens[w]():
             print(json.dumps(rec), flush=True)

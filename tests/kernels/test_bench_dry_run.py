@@ -23,7 +23,7 @@ def test_kernel_bench_dry_run(tmp_path):
     saved = json.loads((tmp_path / "kernels_cpu-dry-run.json").read_text())
     assert saved["device"] == result["device"] == "cpu-dry-run"
     kernels = {r["kernel"] for r in saved["rows"]}
-    assert kernels == {"int8_linear", "int8_fused", "int8_gemm", "int4_linear"}
+    assert kernels == {"int8_linear", "int8_fused", "int8_gemm", "int4_linear", "int4_dequant"}
     for r in saved["rows"]:
         assert ROW_KEYS <= r.keys() and not r.get("error"), r
         assert r["ms"] > 0

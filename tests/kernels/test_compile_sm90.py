@@ -47,7 +47,7 @@ def compiled():
 
 def test_every_kernel_built(compiled):
     names = {r["name"] for r in compiled}
-    assert names == {"int8_matmul", "int8_fused", "quant_rows", "int4_matmul"}
+    assert names == {"int8_matmul", "int8_fused", "quant_rows", "int4_matmul", "int4_dequant"}
     for r in compiled:
         assert r["cubin_bytes"] > 0, r  # ptxas ran: a real sm_90 binary
         assert r["shared"] <= H100_MAX_SHARED, r

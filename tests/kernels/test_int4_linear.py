@@ -22,13 +22,16 @@ def packed_weight(gen, N, K, block_size, symmetric, scale_dtype=torch.float32):
     return qweight, scales, zero_points
 
 
-def check(x, qweight, scales, zero_points, bias, K, block_size, config=None):
-    y = k4.int4_linear(x, qweight, scales, zero_points, bias, K, block_size, config=config)
+def check(x, qweight, scales, zero_points, bias, K, block_size, config=None, dequant=False):
+    y = k4.int4_linear(x, qweight, scales, zero_points, bias, K, block_size, config=config,
+                       dequant=dequant)
     # the reference on fp32 inputs: the kernel's sums are fp32, its only rounding the output's
     ref = naive.int4_linear_ref(x.float(), qweight, scales, zero_points,
                                 None if bias is None else bias.float(), K, block_size)
     assert y.dtype == x.dtype and y.shape == ref.shape
     ulps = 2 if x.dtype != torch.float32 else 64  # fp32: sums of K products in another order
+    if dequant and x.dtype != torch.float32:
+        ulps = 4  # the weight itself is rounded to x's dtype before the GEMM
     tol = ulps * ULP[x.dtype] * ref.abs().max().item()
     err = (y.float() - ref).abs().max().item()
     assert err <= tol, f"max error {err} > {tol}"
@@ -130,3 +133,39 @@ def test_split_k_counters_outlive_growth(monkeypatch):
     assert k4._LOCKS[dev] is first and not k4._RETIRED
     bigger = k4._locks(dev, 5000)
     assert bigger is not first and k4._RETIRED == [first]
+
+
+# --- many tokens: dequantize to x's dtype, then cuBLAS (kernels/int4_dequant.py) ---------------
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantize_int4_exact(block_size, symmetric):
+    from slimformer.kernels.int4_dequant import dequantize_int4
+
+    gen = torch.Generator().manual_seed(block_size + symmetric)
+    N, K = 45, 1093  # K tail inside the last block; n_blocks odd for 32 (zero-point padding)
+    qweight, scales, zero_points = packed_weight(gen, N, K, block_size, symmetric, torch.float16)
+    ref = naive.dequantize_int4_ref(qweight, scales, zero_points, K, block_size)  # fp32
+    assert torch.equal(dequantize_int4(qweight, scales, zero_points, K, block_size, torch.float32), ref)
+    assert torch.equal(dequantize_int4(qweight, scales, zero_points, K, block_size, torch.float16),
+                       ref.half())  # one rounding of the exact fp32 value
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_int4_dequant_path_matches_reference(dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    N, K, bs = 781, 1093, 128
+    qweight, scales, zero_points = packed_weight(gen, N, K, bs, symmetric=False, scale_dtype=dtype)
+    x = torch.randn(2, 70, K, generator=gen).to(dtype)  # M = 140 >= DEQUANT_MIN_M
+    bias = torch.randn(N, generator=gen).to(dtype)
+    check(x, qweight, scales, zero_points, bias, K, bs, dequant=True)
+    from slimformer.kernels import int4_dequant
+
+    calls = []
+    monkeypatch.setattr(int4_dequant, "int4_linear_dequant",
+                        lambda *a: calls.append(a[0].shape[0]) or int4_dequant.F.linear(a[0], torch.zeros(N, K, dtype=dtype)))
+    monkeypatch.setattr(k4, "DEQUANT_MIN_M", 128)
+    assert k4.int4_linear(x, qweight, scales, zero_points, bias, K, bs).shape == (2, 70, N)
+    k4.int4_linear(x[:, :60], qweight, scales, zero_points, bias, K, bs)  # M = 120: fused kernel
+    assert calls == [140]
