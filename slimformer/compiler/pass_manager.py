@@ -66,6 +66,10 @@ def pipeline_from_json(items: list[dict]) -> list[Pass]:
     return out
 
 
+# How much quantization may add to the error structural passes left (see within_budget).
+STRUCTURAL_SLACK = 0.1
+
+
 @dataclass
 class CompileContext:
     """What every pass may read: calibration inputs and the original model's outputs on them."""
@@ -80,12 +84,30 @@ class CompileContext:
     # The original model's outputs; `reference` moves to the structurally compressed graph's
     # outputs after a pass with rebases_reference (None: the same as reference).
     original_reference: list[list[torch.Tensor]] | None = None
+    # 1 - min cosine of the structurally compressed graph to the original, set on rebasing.
+    structural_error: float | None = None
 
     def rebase_reference(self, gm) -> None:
         if self.original_reference is None:
             self.original_reference = self.reference
         with torch.no_grad():
             self.reference = run_batches(gm, self.calibration)
+        self.structural_error = 1.0 - compare(self.original_reference, self.reference, self.calibration).cos_min
+
+    def within_budget(self, fn, max_batches: int | None = None) -> bool:
+        """The quantizers' test of a candidate: min cosine to the reference >= fidelity_budget.
+        After structural passes (the reference is the compressed graph) it also passes if the
+        error to the original model grows by at most STRUCTURAL_SLACK of what the structure
+        cost: quantization error that is small beside the pruning error is not worth float
+        layers (MiniLM heads 0.25 + FFN 0.4: 9 layers went to float compute otherwise)."""
+        batches = self.calibration[:max_batches]
+        outs = run_batches(fn, batches)
+        if compare(self.reference[:max_batches], outs, batches).ok(self.fidelity_budget):
+            return True
+        if self.original_reference is None or self.structural_error is None:
+            return False
+        error = 1.0 - compare(self.original_reference[:max_batches], outs, batches).cos_min
+        return error <= self.structural_error * (1.0 + STRUCTURAL_SLACK)
 
     def fidelity(self, fn, max_batches: int | None = None) -> Fidelity:
         """Fidelity of a callable (a GraphModule, or anything taking the model's kwargs),

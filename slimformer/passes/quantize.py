@@ -179,8 +179,7 @@ class QuantizeInt8(Pass):
         """Meet the fidelity budget at the least run-time cost: the most sensitive input groups
         first get the better activation quantizer, then (still short) single layers go to
         float compute. Updates `modes`; returns the layers kept in float, with the reason."""
-        budget = ctx.fidelity_budget
-        if ctx.fidelity(gm).ok(budget):
+        if ctx.within_budget(gm):
             return {}
         # Error each layer adds on its own: quantize it alone, measure end to end.
         task = _progress_task(ctx, "sensitivity", len(swaps))
@@ -211,14 +210,14 @@ class QuantizeInt8(Pass):
                 live[i] = _Swap(gm, s.site, s.act_mode, wide)
                 gm.recompile()
                 kept[s.site.path] = f"int8 activations alone cost {errors[i]:.2e} cosine: 8-bit weights"
-                if ctx.fidelity(gm).ok(budget):
+                if ctx.within_budget(gm):
                     return kept
         # Tier 2: float compute on an int8-stored weight.
         for i in order[:limit]:
             live.pop(i).undo(weight_only=True)
             gm.recompile()
             kept[swaps[i].site.path] = f"int8 activations alone cost {errors[i]:.2e} cosine: float compute, int8 weight"
-            if ctx.fidelity(gm).ok(budget):
+            if ctx.within_budget(gm):
                 break
         return kept
 
@@ -238,7 +237,7 @@ class QuantizeInt8(Pass):
                 live[i] = _Swap(gm, s.site, mode, s.weights)
                 modes[s.site.path] = mode
             gm.recompile()
-            if ctx.fidelity(gm).ok(ctx.fidelity_budget):
+            if ctx.within_budget(gm):
                 return True
         return False
 
