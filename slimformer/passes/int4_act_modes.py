@@ -106,6 +106,7 @@ class ChooseInt4ActModes(Pass):
         return PassResult(gm, True, f"{per_tensor}/{len(swapped)} int4 linears with per-tensor activations",
                           {"act_modes": modes, "groups_per_tensor": lo, "groups": len(order)})
 
+
 def to_w4a8(gm: GraphModule, node: Node, act_mode: int) -> Node:
     """int4_linear -> w4a8_linear(..., act_mode), in place; fp16 block scales from here on."""
     x, qw, sc, zp, bias, k, bs = node.args
