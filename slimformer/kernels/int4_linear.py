@@ -35,6 +35,7 @@ import triton.language as tl
 
 from slimformer.kernels._triton import interpret_requested, m_bucket
 from slimformer.kernels.int8_linear import _autotune_extra, cdiv
+from slimformer.kernels.tiles import grouped_tile, m_bucket_pruner
 
 INTERPRET = interpret_requested()
 SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256)  # tl.dot needs >= 16 columns in each nibble half
@@ -75,13 +76,7 @@ def _int4_matmul_kernel(
     DT: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty  # dot operand dtype
     pid = tl.program_id(0)  # output tile
     pid_k = tl.program_id(1)  # K slice
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_pid_n)
-    first_m = group_id * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # (BM,) wrapped: loads in bounds
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # (BN,)
@@ -160,12 +155,7 @@ MAX_SPLIT_K = 4
 DEQUANT_MIN_M = int(os.environ.get("SLIMFORMER_INT4_DEQUANT_MIN_M", "128"))
 
 
-def _prune(configs, named_args, **kwargs):
-    if INTERPRET:
-        return configs
-    mb = named_args["M_BUCKET"]
-    pick = CONFIGS_SMALL_M if mb <= 16 else CONFIGS_MID_M if mb <= 256 else CONFIGS_LARGE_M
-    return [c for c in configs if c in pick]
+_prune = m_bucket_pruner(INTERPRET, CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M)
 
 
 _int4_tuned = triton.autotune(

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from slimformer.kernels._triton import interpret_requested, m_bucket
 from slimformer.kernels.int8_linear import _autotune_extra, _rint, _smoothed, cdiv
+from slimformer.kernels.tiles import grouped_tile, m_bucket_pruner
 
 INTERPRET = interpret_requested()
 
@@ -45,13 +46,7 @@ def _int8_fused_kernel(
 ):
     # Grouped program order, as in _int8_matmul_kernel: neighbours share x rows in L2.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_pid_n)
-    first_m = group_id * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # (BM,) wrapped: loads in bounds
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N  # (BN,)
@@ -111,12 +106,7 @@ CONFIGS_LARGE_M = [_cfg(128, 128, 64, 3, 8), _cfg(64, 128, 64, 3, 4), _cfg(128, 
 CONFIGS_INTERPRET = [_cfg(32, 128, 128, 1, 4)]
 
 
-def _prune(configs, named_args, **kwargs):
-    if INTERPRET:
-        return configs
-    mb = named_args["M_BUCKET"]
-    pick = CONFIGS_SMALL_M if mb <= 16 else CONFIGS_MID_M if mb <= 256 else CONFIGS_LARGE_M
-    return [c for c in configs if c in pick]
+_prune = m_bucket_pruner(INTERPRET, CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M)
 
 
 _fused_tuned = triton.autotune(

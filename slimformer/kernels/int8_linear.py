@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from slimformer.kernels._triton import interpret_requested, m_bucket, next_pow2
+from slimformer.kernels.tiles import grouped_tile, m_bucket_pruner
 
 INTERPRET = interpret_requested()  # kernels below were built for the interpreter
 # Quantization fused into the GEMM (one launch, int8_fused.py) instead of the two launches
@@ -171,12 +172,7 @@ CONFIGS_LARGE_M = [  # compute bound: big wgmma tiles, 3-4 stages of 128-deep K
 CONFIGS_INTERPRET = [_cfg(32, 128, 128, 1, 4)]
 
 
-def _prune(configs, named_args, **kwargs):
-    if INTERPRET:
-        return configs
-    mb = named_args["M_BUCKET"]
-    pick = CONFIGS_SMALL_M if mb <= 16 else CONFIGS_MID_M if mb <= 256 else CONFIGS_LARGE_M
-    return [c for c in configs if c in pick]
+_prune = m_bucket_pruner(INTERPRET, CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M)
 
 
 def _autotune_extra() -> dict:
@@ -201,13 +197,7 @@ def _int8_matmul_kernel(
 ):
     # Grouped program order: GROUP_M row tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_pid_n)
-    first_m = group_id * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_m
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     # Out-of-range rows/columns wrap around (loads stay in bounds); the store masks them.
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # (BM,)
