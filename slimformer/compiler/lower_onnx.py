@@ -147,27 +147,40 @@ def fuse_shared_input_int8(gm: GraphModule) -> None:
         if len(members) < 2:
             continue
         ws = [attr_tensor(gm, m.args[1].target) for m in members]  # (N_i, K) int8
+        widths = [w.shape[0] for w in ws]
         scales = torch.cat([attr_tensor(gm, m.args[2].target) for m in members])
-        biases = [(attr_tensor(gm, m.args[3].target) if m.args[3] is not None else torch.zeros(w.shape[0]))
-                  for m, w in zip(members, ws)]
         first = members[0]
         name = f"{first.args[1].target}_fused"
         w_node = add_constant(gm, name, torch.cat(ws), first)
         s_node = add_constant(gm, f"{name}_scale", scales, first)
-        has_bias = any(m.args[3] is not None for m in members)
-        b_node = add_constant(gm, f"{name}_bias", torch.cat(biases).float(), first) if has_bias else None
+        b_node = _concat_biases(gm, f"{name}_bias", [m.args[3] for m in members], widths, first)
         with gm.graph.inserting_before(first):
             fused = gm.graph.call_function(torch.ops.slimformer.int8_linear.default,
                                            (x, w_node, s_node, b_node, mode))
-        start, parts = 0, []
-        for w in ws:  # all slices first: inserting before an erased node would lose them
-            with gm.graph.inserting_before(first):
-                parts.append(gm.graph.call_function(aten.slice.Tensor, (fused, -1, start, start + w.shape[0])))
-            start += w.shape[0]
-        for m, part in zip(members, parts):
-            m.replace_all_uses_with(part)
-            gm.graph.erase_node(m)
+        _hand_out_columns(gm, members, fused, widths)
     gm.graph.eliminate_dead_code()
+
+
+def _concat_biases(gm: GraphModule, name: str, biases: list, widths: list[int], before) -> torch.fx.Node | None:
+    """One fp32 bias constant for a fused group (zeros for members without one); None if none has one."""
+    if all(b is None for b in biases):
+        return None
+    parts = [attr_tensor(gm, b.target).float() if b is not None else torch.zeros(w) for b, w in zip(biases, widths)]
+    return add_constant(gm, name, torch.cat(parts), before)
+
+
+def _hand_out_columns(gm: GraphModule, members: list, fused, widths: list[int]) -> None:
+    """Each member's users read its `widths` columns of the fused output; the members go."""
+    first = members[0]
+    parts, start = [], 0
+    for w in widths:  # all slices first: inserting before an erased node would lose them
+        with gm.graph.inserting_before(first):
+            parts.append(fused if len(members) == 1 else
+                         gm.graph.call_function(aten.slice.Tensor, (fused, -1, start, start + w)))
+        start += w
+    for m, part in zip(members, parts):
+        m.replace_all_uses_with(part)
+        gm.graph.erase_node(m)
 
 
 def lower_w4a8_groups(gm: GraphModule) -> None:
@@ -181,30 +194,18 @@ def lower_w4a8_groups(gm: GraphModule) -> None:
     for (x, mode), members in groups.items():
         weights = [(qw, sc, zp, k, bs, ch) for _, qw, sc, zp, _, k, bs, ch, _, _ in (m.args for m in members)]
         chs = [attr_tensor(gm, m.args[7].target) for m in members]
-        has_bias = any(m.args[4] is not None for m in members)
+        widths = [c.shape[0] for c in chs]
         first = members[0]
         for m in members[1:]:  # the later members' constants, moved up to where the fused node goes
             for a in m.args[1:4] + m.args[7:8]:
                 if isinstance(a, torch.fx.Node) and a.op == "get_attr":
                     first.prepend(a)
-        bias = None
-        if has_bias:
-            bias = add_constant(gm, f"{first.args[1].target}_bias_cat", torch.cat([
-                attr_tensor(gm, m.args[4].target).float() if m.args[4] is not None else torch.zeros(c.shape[0])
-                for m, c in zip(members, chs)]), first)
+        bias = _concat_biases(gm, f"{first.args[1].target}_bias_cat", [m.args[4] for m in members], widths, first)
         ch = add_constant(gm, f"{first.args[1].target}_ch_cat", torch.cat(chs), first) if len(members) > 1 \
             else first.args[7]
         with gm.graph.inserting_before(first):
             fused = gm.graph.call_function(int4_group_as_int8_matmul, (x, weights, ch, bias, mode))
-        start, parts = 0, []
-        for c in chs:
-            with gm.graph.inserting_before(first):
-                parts.append(fused if len(members) == 1 else
-                             gm.graph.call_function(aten.slice.Tensor, (fused, -1, start, start + c.shape[0])))
-            start += c.shape[0]
-        for m, part in zip(members, parts):
-            m.replace_all_uses_with(part)
-            gm.graph.erase_node(m)
+        _hand_out_columns(gm, members, fused, widths)
     remove_unused_attrs(gm)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from slimformer.compiler.analysis import module_path
 from slimformer.compiler.graph_utils import (
     add_constant,
     attr_tensor,
@@ -101,7 +102,7 @@ class ChooseInt4ActModes(Pass):
         for i, x in enumerate(order):
             _set_mode(groups[x], ACT_PER_TENSOR_U8 if i < lo else ACT_ROW_NORM_U8)
         gm.recompile()
-        modes = {_path(n): n.args[-1] for n in swapped}
+        modes = {module_path(n): n.args[-1] for n in swapped}
         per_tensor = sum(1 for n in swapped if n.args[-1] == ACT_PER_TENSOR_U8)
         return PassResult(gm, True, f"{per_tensor}/{len(swapped)} int4 linears with per-tensor activations",
                           {"act_modes": modes, "groups_per_tensor": lo, "groups": len(order)})
@@ -122,8 +123,3 @@ def to_w4a8(gm: GraphModule, node: Node, act_mode: int) -> Node:
 def _set_mode(nodes: list[Node], mode: int) -> None:
     for n in nodes:
         n.args = (*n.args[:-1], mode)
-
-
-def _path(node: Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return next(reversed(stack.values()))[0] if stack else node.name
