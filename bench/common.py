@@ -149,6 +149,30 @@ def time_round_robin(systems: dict[str, Callable[[], object]], runs: int, warmup
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def time_paired(systems: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """One timed call (ms) per system per round, the order rotating each round; returns the
+    samples, round by round, so a caller can take each round's ratio between two systems.
+
+    On this VM the speed drifts by 20-40% over seconds (a neighbour's load, not ours): a median
+    of per-system blocks moves whole-system ratios by 10% from run to run. Calls a few hundred
+    ms apart see the same drift, so the ratio inside a round cancels most of it. Each turn
+    starts with an untimed call: the previous system's thread pool may still be spinning.
+    """
+    names = list(systems)
+    for _ in range(warmup):
+        for name in names:
+            systems[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            systems[name]()
+            t0 = time.perf_counter()
+            systems[name]()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def machine_info() -> dict:
     import onnxruntime
     import torch

@@ -6,7 +6,8 @@ and slimformer's CPU targets, all measured in one run.
         --extra "cpu-int8+prune=--prune-heads 0.25 --prune-ffn 0.4"
     python bench/e2e_cpu.py --skip-slimformer    # baselines only
 
-Speed is compared as a ratio to the anchor measured in the same run: this machine is noisy, so
+Speed is compared as a ratio to the anchor timed in the same round (each round times every
+system once, and the ratio is the median over rounds): this machine is noisy, so
 absolute times across runs mean little. Fidelity is the cosine of mean-pooled embeddings to
 torch fp32 over bench/data/eval_sentences.txt (none of it is calibration text).
 """
@@ -27,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
@@ -186,25 +188,26 @@ def measure_quality(rows: list[Row], tokenizer) -> None:
 
 
 def measure_speed(rows: list[Row], tokenizer, args) -> None:
-    """Median latencies, `args.repeat` times over; each ratio to the anchor is the median of the
-    rounds' ratios, with their range: on a noisy machine one round can be 10% off."""
+    """Median latencies, and each system's speed as the median of its per-round ratios to the
+    anchor timed in the same round (common.time_paired), with their quartiles: the drift of this
+    machine cancels inside a round, not across minutes."""
     texts = common.eval_sentences()
     live = [r for r in rows if not r.error]
     for batch, runs, key in ((8, args.runs, "b8"), (1, args.runs_b1, "b1")):
         feeds = common.tokenize(tokenizer, texts[:batch], max_length=SEQ)
         systems = {r.name: (lambda r=r, f=feeds: r.run(f)) for r in live}
-        rounds = []
-        for k in range(args.repeat):
-            print(f"timing batch {batch} x seq {SEQ}: {runs} runs each, interleaved "
-                  f"(round {k + 1}/{args.repeat}) ...", flush=True)
-            rounds.append(common.time_round_robin(systems, runs, args.warmup))
+        rounds = runs * args.repeat
+        print(f"timing batch {batch} x seq {SEQ}: {rounds} rounds, one timed call per system "
+              "per round ...", flush=True)
+        times = common.time_paired(systems, rounds, args.warmup)
         for r in live:
-            r.result[f"latency_ms_{key}"] = statistics.median(t[r.name] for t in rounds)
+            r.result[f"latency_ms_{key}"] = statistics.median(times[r.name])
             if ANCHOR in systems:
-                ratios = [t[r.name] / t[ANCHOR] for t in rounds]
-                r.result[f"vs_anchor_{key}"] = statistics.median(ratios)
-                if len(ratios) > 1:
-                    r.result[f"vs_anchor_{key}_range"] = [min(ratios), max(ratios)]
+                ratios = np.array(times[r.name]) / np.array(times[ANCHOR])
+                r.result[f"vs_anchor_{key}"] = float(np.median(ratios))
+                if r.name != ANCHOR:
+                    r.result[f"vs_anchor_{key}_range"] = [float(np.percentile(ratios, 25)),
+                                                          float(np.percentile(ratios, 75))]
 
 
 COLUMNS = [  # (json key, header, format)
@@ -219,7 +222,7 @@ def cells(result: dict) -> list[str]:
     out = []
     for k, _, fmt in COLUMNS:
         cell = fmt.format(result[k]) if k in result else "-"
-        if f"{k}_range" in result:  # repeated timing rounds: the median, and the rounds' range
+        if f"{k}_range" in result:  # paired ratios: the median, and their quartiles
             lo, hi = result[f"{k}_range"]
             cell += f" ({lo:.2f}-{hi:.2f})"
         out.append(cell)
@@ -246,7 +249,9 @@ def markdown(results: list[dict], machine: dict, load: float) -> str:
     lines = [
         f"MiniLM-L6 (all-MiniLM-L6-v2), batch 8 and 1 x seq {SEQ}, {machine['cpu']}, "
         f"{machine['cores']} cores, onnxruntime {machine['onnxruntime']}. "
-        f"`vs anchor` = latency / ORT `quantize_dynamic` per-channel int8 (lower is better); "
+        f"`vs anchor` = latency / ORT `quantize_dynamic` per-channel int8 (lower is better): "
+        f"the median over rounds of the ratio within a round (every system timed once per "
+        f"round), with the quartiles of those ratios in brackets; "
         f"cos = mean-pooled embedding vs torch fp32."
         + (f" Measured on a busy machine (load average {load:.1f}): latencies are inflated."
            if load > 0.5 else ""),
@@ -268,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                    help="extra slimformer variant, e.g. 'cpu-int8+prune=--prune-heads 0.25'")
     p.add_argument("--skip-slimformer", action="store_true", help="baselines only")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per system at batch 8")
-    p.add_argument("--runs-b1", type=int, default=50, help="timed runs per system at batch 1")
+    p.add_argument("--runs", type=int, default=20, help="timing rounds at batch 8 (one call per system each)")
+    p.add_argument("--runs-b1", type=int, default=50, help="timing rounds at batch 1")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=1,
-                   help="timing rounds; ratios are the median over rounds, with their range")
+                   help="multiplies --runs and --runs-b1 (kept for old command lines)")
     p.add_argument("--convert-timeout", type=float, default=900)
     p.add_argument("--workdir", default=None, help="keep exported models here (default: temp)")
     p.add_argument("--reuse-artifacts", action="store_true",
@@ -341,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": common.now_iso(),
         "config": {
             "model_dir": args.model_dir, "seq": SEQ, "batches": [8, 1],
-            "runs_b8": args.runs, "runs_b1": args.runs_b1, "warmup": args.warmup,
+            "rounds_b8": args.runs * args.repeat, "rounds_b1": args.runs_b1 * args.repeat,
+            "warmup": args.warmup, "timing": "paired rounds (common.time_paired)",
             "threads": 2, "anchor": ANCHOR,
             "targets": [] if args.skip_slimformer else args.targets,
             "extra": [] if args.skip_slimformer else args.extra,

@@ -97,8 +97,7 @@ def int4_group_as_int8_matmul(x, weights: list, ch_scale, bias, act_mode: int):
     w8 = torch.cat([unpack_int4_as_int8(*w) for w in weights]) if len(weights) > 1 \
         else unpack_int4_as_int8(*weights[0])
     fn = dynamic_quantize_matmul if act_mode == naive.ACT_PER_TENSOR_U8 else row_norm_int8_matmul
-    y = fn(x, w8.t(), ch_scale, None)
-    return y if bias is None else y + bias
+    return fn(x, w8.t(), ch_scale, bias)  # per-tensor: the bias goes into the matmul, no Add
 
 
 def residual_sum(a, b):
