@@ -228,7 +228,7 @@ def run_fidelity(seq: int = 256, recover_steps: int | None = None) -> dict:
 
 
 def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recover_steps: int,
-                       recover_lr: float, seq: int = 256) -> dict:
+                       recover_lr: float, seq: int = 256, min_cos: float | None = None) -> dict:
     """The replace_attention pass alone on MiniLM's traced graph (no ONNX export, one torch
     thread: minutes instead of tens of minutes on a busy 2-core machine); held-out fidelity
     (token-level, as the report's, and of mean-pooled embeddings) before and after the
@@ -249,7 +249,8 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
     model = tf.AutoModel.from_pretrained(minilm_dir()).eval()
     gm = frontend.export(model, calib[0])
     ctx = CompileContext(model, calib, run_batches(model, calib), 0.995, {}, None, Report("probe", "MiniLM", 0.995))
-    opts = {"kind": kind, "transfer_steps": transfer_steps, "transfer_lr": transfer_lr, "recover_steps": 0}
+    opts = {"kind": kind, "transfer_steps": transfer_steps, "transfer_lr": transfer_lr, "recover_steps": 0,
+            "min_cos": min_cos}
     if kind == "local":
         opts.update(window=64, global_tokens=1)
     gm = PassManager([ReplaceAttention(**opts)]).run(gm, ctx)
@@ -266,6 +267,8 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
 
     result = {"options": {**opts, "recover_steps": recover_steps, "recover_lr": recover_lr},
               "layers": ctx.report.passes[-1].details["layers"], "after_transfer": held_out()}
+    if min_cos is not None:
+        result["auto"] = ctx.report.passes[-1].details["auto"]
     if recover_steps:
         ctx.reference = ctx.original_reference  # the pass manager rebased it to the rewritten graph
         result["recover"] = _distill(gm, ctx, list(result["layers"]), recover_steps, recover_lr)
@@ -343,6 +346,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--parts", default="op,model", help="cpu mode: op, model or both")
     p.add_argument("--recover-steps", type=int, default=None)
+    p.add_argument("--min-cos", type=float, default=None,
+                   help="fidelity-graph: replace only the layers that keep this min cosine (layers 'auto')")
     p.add_argument("--dry-run", action="store_true", help="gpu mode on CPU tensors (Triton interpreter)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
@@ -366,8 +371,9 @@ def main(argv=None) -> int:
     elif args.mode == "fidelity-graph":
         os.environ.setdefault("SLIMFORMER_KERNELS", "reference")
         res = run_fidelity_graph(args.kind, args.transfer_steps, args.transfer_lr, args.recover_steps or 0,
-                                 args.recover_lr)
-        saved.setdefault("fidelity_graph", {})[f"{args.kind}_t{args.transfer_steps}_r{args.recover_steps or 0}"] = res
+                                 args.recover_lr, min_cos=args.min_cos)
+        key = f"{args.kind}_t{args.transfer_steps}_r{args.recover_steps or 0}"
+        saved.setdefault("fidelity_graph", {})[key + (f"_auto{args.min_cos}" if args.min_cos else "")] = res
     else:
         os.environ.setdefault("SLIMFORMER_KERNELS", "reference")
         saved["fidelity"] = run_fidelity(recover_steps=args.recover_steps)

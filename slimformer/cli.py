@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attention-window", type=int, metavar="W", help="local attention window (tokens)")
     a.add_argument("--global-tokens", type=int, metavar="G", help="global tokens for local attention")
     a.add_argument("--attention-layers", metavar="SPEC",
-                   help="layers to replace: indices '2,3,4,5' or a range '2-5' (default: all)")
+                   help="layers to replace: indices '2,3,4,5', a range '2-5', or 'auto': as many as "
+                        "keep the min cosine >= --attention-min-cos (default: all)")
+    a.add_argument("--attention-min-cos", type=float, metavar="COS",
+                   help="with --attention-layers auto: the floor (default 0.98)")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="print an artifact's report")
@@ -167,7 +170,7 @@ def cmd_convert(args) -> int:
 def structural_options(args) -> dict:
     """The convert flags that map onto compile(**options); unset flags are left out."""
     keys = ("prune_heads", "prune_ffn", "drop_layers", "recover_steps", "attention",
-            "attention_window", "global_tokens", "attention_layers")
+            "attention_window", "global_tokens", "attention_layers", "attention_min_cos")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

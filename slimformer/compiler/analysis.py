@@ -304,3 +304,15 @@ def _cached(gm: GraphModule, key: str, fn):
 
 def invalidate(gm: GraphModule) -> None:
     gm.meta.pop("analyses", None)
+
+
+def copy_graph(gm: GraphModule) -> GraphModule:
+    """A deep copy a pass may edit or run; gm's cached analyses are dropped first (they hold
+    fake tensors, which cannot be copied) and recomputed on demand."""
+    import copy
+    import warnings
+
+    invalidate(gm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree LeafSpec deprecation
+        return copy.deepcopy(gm)

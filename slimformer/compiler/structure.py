@@ -12,7 +12,8 @@ from slimformer.compiler.pass_manager import Pass
 # compile(**options) keys that this module owns; the CLI flags map onto them one to one.
 PRUNING_OPTIONS = ("prune_heads", "prune_ffn", "drop_layers", "recover_steps")
 ATTENTION_OPTIONS = ("attention", "attention_window", "global_tokens", "attention_layers",
-                     "attention_recover_steps", "attention_transfer_steps", "attention_feature_map")
+                     "attention_min_cos", "attention_recover_steps", "attention_transfer_steps",
+                     "attention_feature_map")
 
 
 def structural_passes(options: dict) -> list[Pass]:

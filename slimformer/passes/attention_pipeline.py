@@ -5,7 +5,10 @@ Options:
   attention_window          local: block size W in tokens (default 64); T <= W is exact softmax
   global_tokens             local: the first G tokens attend to / are attended by all (default 1)
   attention_layers          which attention blocks (0-based, call order): "2-5", "2,3,4,5",
-                            a list of ints, or an int; default all (e.g. "2-5" keeps 0, 1 in softmax)
+                            a list of ints, or an int; default all (e.g. "2-5" keeps 0, 1 in softmax);
+                            "auto": the most layers, least sensitive first, that keep the
+                            calibration min cosine >= attention_min_cos before recovery
+  attention_min_cos         with attention_layers="auto": the floor (default 0.98)
   attention_feature_map     linear: "hedgehog" (learned, default) | "elu"
   attention_transfer_steps  per layer: Hedgehog fit (linear), then the q/k/v projections fitted
                             to the original attention output (BERT-style layers; default 150)
@@ -26,6 +29,7 @@ DEFAULT_WINDOW = 64
 DEFAULT_GLOBAL_TOKENS = 1
 DEFAULT_RECOVER_STEPS = 16  # measured on MiniLM: more, at higher lr, overfits the calibration text
 DEFAULT_TRANSFER_STEPS = 150
+DEFAULT_MIN_COS = 0.98  # MiniLM local window 64 at 256 tokens: 2 of 6 layers before recovery
 
 
 def parse_layers(spec) -> list[int] | None:
@@ -82,6 +86,16 @@ def attention_passes(options: dict) -> list[Pass]:
     if kind == "linear" and (options.get("attention_window") is not None or options.get("global_tokens") is not None):
         raise SlimformerError("attention_window and global_tokens apply to attention='local' only",
                               "drop them, or use --attention local")
+    auto = options.get("attention_layers") == "auto"
+    min_cos = options.get("attention_min_cos")
+    if min_cos is not None and not auto:
+        raise SlimformerError("attention_min_cos applies to attention_layers='auto' only",
+                              "add --attention-layers auto, or drop --attention-min-cos")
+    if min_cos is not None and (isinstance(min_cos, bool) or not isinstance(min_cos, (int, float))
+                                or not 0 < min_cos <= 1):
+        raise SlimformerError(f"attention_min_cos={min_cos!r} must be a cosine in (0, 1]",
+                              "e.g. --attention-min-cos 0.98")
     return [ReplaceAttention(kind=kind, feature_map=fmap, window=window, global_tokens=glob,
-                             layers=parse_layers(options.get("attention_layers")),
+                             layers=None if auto else parse_layers(options.get("attention_layers")),
+                             min_cos=(DEFAULT_MIN_COS if min_cos is None else float(min_cos)) if auto else None,
                              transfer_steps=transfer, recover_steps=recover)]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 from torch.fx import GraphModule
 
 from slimformer.compiler import analysis
@@ -35,10 +32,7 @@ def original_graph(ctx) -> GraphModule | None:
 def note_before(ctx, gm: GraphModule) -> None:
     """Records the unpruned graph (a copy), its FLOPs and parameters once, before the first cut."""
     if original_graph(ctx) is None:
-        analysis.invalidate(gm)  # cached analyses hold fake tensors that cannot be copied
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            setattr(ctx, ORIGINAL_GRAPH, copy.deepcopy(gm))
+        setattr(ctx, ORIGINAL_GRAPH, analysis.copy_graph(gm))
     r = ctx.report
     if r is not None and r.flops_before is None:
         r.flops_before = flops_per_sequence(gm)

@@ -9,6 +9,9 @@ Softmax attention costs O(T^2) time and memory per head. This pass rewrites each
 Then it recovers: attention transfer (the Hedgehog fit, per layer), and end-to-end distillation
 of the model's outputs towards the graph before the rewrite (`recover_steps`).
 
+`layers` picks the blocks by index; with `min_cos` set instead, the pass picks them itself: the
+most blocks, least sensitive first, that keep the calibration min cosine >= min_cos (_choose).
+
 What the original mask meant is read from the calibration run, not guessed from the model
 family: each layer's boolean (B, 1, T, S) mask is compared with "padding only" and "causal and
 padding" built from the `attention_mask` input. Layers whose mask is neither (relative-position
@@ -52,6 +55,8 @@ class ReplaceAttention(Pass):
     window: int = 64  # local only
     global_tokens: int = 1  # local only
     layers: list[int] | None = None  # indices into the attention blocks in call order; None: all
+    min_cos: float | None = None  # set: replace the largest cheapest-first subset of `layers` that
+    # keeps the calibration min cosine >= min_cos (before end-to-end recovery); see _choose
     transfer_steps: int = 150  # per layer: Hedgehog fit, then q/k/v projection fit
     transfer_lr: float = 1e-4
     recover_steps: int = 0  # end-to-end distillation steps after the rewrite
@@ -72,8 +77,9 @@ class ReplaceAttention(Pass):
             else:
                 todo.append(sites[i])
         values = _capture_inputs(gm, todo, ctx.calibration, key_mask)
-        replaced, details = [], {"skipped": skipped, "layers": {}}
+        details = {"skipped": skipped, "layers": {}}
         shared = _shared_weights(todo)
+        plans = {}  # path -> what its rewrite needs, for every site whose mask can be expressed
         for site in todo:
             vals = values[site.node]
             pattern = _mask_pattern(vals, site.node)
@@ -83,15 +89,18 @@ class ReplaceAttention(Pass):
             causal, use_key_mask = pattern
             if not use_key_mask:
                 vals = {**vals, "key_mask": [None] * len(ctx.calibration)}
-            km = key_mask if use_key_mask else None
-            if self.kind == "linear":
-                info, maps = self._to_linear(gm, site, vals, causal, km)
-            else:
-                info, maps = self._to_local(gm, site, causal, km), []
-            if self.transfer_steps > 0:
-                info.update(self._transfer(gm, site, vals, causal, maps, shared))
-            details["layers"][site.path] = {"causal": causal, **info}
-            replaced.append(site.path)
+            plans[site.path] = (vals, causal, use_key_mask, shared)
+        trained: dict[str, dict] = {}  # path -> trained tensors: a site is trained once, reused after
+        chosen = list(plans)
+        if self.min_cos is not None and plans:
+            best, details["auto"] = self._choose(gm, ctx, plans, trained)
+            chosen = [p for p in plans if p in best]  # call order
+            for path in plans.keys() - set(best):
+                skipped[path] = f"kept in softmax: replacing it too would take min cos below {self.min_cos}"
+        sites_now = {s.path: s for s in sites}
+        for path in chosen:
+            details["layers"][path] = self._rewrite(gm, sites_now[path], plans[path], trained)
+        replaced = chosen
         if not replaced:
             return PassResult(gm, False, f"no attention replaced ({len(skipped)} skipped)", details)
         gm.graph.eliminate_dead_code()  # the (B, 1, T, S) mask goes once no softmax layer reads it
@@ -106,17 +115,69 @@ class ReplaceAttention(Pass):
             summary += f"; {len(skipped)} kept in softmax: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
         return PassResult(gm, True, summary, details)
 
+    # -- layer choice --------------------------------------------------------------------------
+
+    def _choose(self, gm: GraphModule, ctx: CompileContext, plans: dict, trained: dict) -> tuple[list[str], dict]:
+        """The layers to replace when min_cos is set. Each candidate is replaced alone in a copy
+        of the graph (its transfer trained once, here, and reused by later copies and the
+        final rewrite) and ranked by what it costs (1 - min cosine on the calibration batches);
+        then a bisection finds the longest cheapest-first prefix whose combined min cosine
+        stays >= min_cos. Rewrites of different layers are independent (each is fitted to
+        activations captured from the graph before this pass), so the reuse is exact."""
+        def fidelity(paths: list[str]) -> float:
+            g = analysis.copy_graph(gm)
+            sites = {s.path: s for s in analysis.find_attention(g)}
+            for path in paths:
+                self._rewrite(g, sites[path], plans[path], trained)
+            g.graph.eliminate_dead_code()
+            g.recompile()
+            return ctx.fidelity(g).cos_min
+
+        alone = {path: fidelity([path]) for path in plans}
+        order = sorted((p for p in plans if alone[p] >= self.min_cos), key=lambda p: -alone[p])
+        lo, hi, tried = 0, len(order), {}  # invariant: the first lo pass (0 trivially), hi + 1 fail
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            tried[mid] = alone[order[0]] if mid == 1 else fidelity(order[:mid])
+            lo, hi = (mid, hi) if tried[mid] >= self.min_cos else (lo, mid - 1)
+        return order[:lo], {"min_cos": self.min_cos, "alone": alone, "prefix_min_cos": dict(sorted(tried.items()))}
+
     # -- rewrites ------------------------------------------------------------------------------
 
-    def _to_linear(self, gm, site, vals, causal: bool, key_mask: Node | None) -> dict:
+    def _rewrite(self, gm: GraphModule, site, plan: tuple, trained: dict) -> dict:
+        """One site rewritten in gm (and its transfer trained, or taken from `trained`)."""
+        vals, causal, use_key_mask, shared = plan
+        km = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == KEY_MASK_INPUT) \
+            if use_key_mask else None  # gm may be a copy: its own input node
+        done = trained.get(site.path)
+        if self.kind == "linear":
+            info, maps = self._to_linear(gm, site, vals, causal, km, done and done["maps"])
+        else:
+            info, maps = self._to_local(gm, site, causal, km), []
+        if done is None:
+            done = {"maps": [analysis.get_attr_tensor(gm, _get_attr(gm, t)) for t in maps] or None,
+                    "info": info}
+            if self.transfer_steps > 0:
+                fit, done["new"] = self._transfer(gm, site, vals, causal, maps, shared)
+                done["info"] = {**info, **fit}
+            trained[site.path] = done
+        for target, tensor in done.get("new", {}).items():
+            set_attr_tensor(gm, target, tensor)
+        return {"causal": causal, **done["info"]}
+
+
+    def _to_linear(self, gm, site, vals, causal: bool, key_mask: Node | None, maps_done=None) -> tuple[dict, list]:
         sdpa = site.node
         q, k, v = _qkv(gm, sdpa)
         info = {}
         if self.feature_map == "hedgehog":
-            samples = [(qq, kk, _allowed(mm, causal, km, qq.shape[2], kk.shape[2]))
-                       for qq, kk, mm, km in zip(vals["q"], vals["k"], vals["mask"], vals["key_mask"])]
-            scale = _scale(sdpa, site.head_dim)
-            wq, wk, info = fm.train_hedgehog(samples, site.num_heads, site.head_dim, scale, self.transfer_steps)
+            if maps_done:  # trained before, on a copy of this graph (see _choose)
+                wq, wk = maps_done
+            else:
+                samples = [(qq, kk, _allowed(mm, causal, km, qq.shape[2], kk.shape[2]))
+                           for qq, kk, mm, km in zip(vals["q"], vals["k"], vals["mask"], vals["key_mask"])]
+                wq, wk, info = fm.train_hedgehog(samples, site.num_heads, site.head_dim, _scale(sdpa, site.head_dim),
+                                                 self.transfer_steps)
             wq_node = add_constant(gm, f"{site.path}.hedgehog_q", wq, sdpa)
             wk_node = add_constant(gm, f"{site.path}.hedgehog_k", wk, sdpa)
             phi_q = _call(gm, fm.hedgehog_features, (q, wq_node), sdpa)
@@ -133,13 +194,14 @@ class ReplaceAttention(Pass):
         gm.graph.erase_node(sdpa)
         return info, maps
 
-    def _transfer(self, gm, site, vals, causal: bool, maps: list[str], shared: set) -> dict:
-        """Per-layer fit of q/k/v (and the feature maps) to the original attention output."""
+    def _transfer(self, gm, site, vals, causal: bool, maps: list[str], shared: set) -> tuple[dict, dict]:
+        """Per-layer fit of q/k/v (and the feature maps) to the original attention output:
+        (info, {get_attr target: fitted tensor}); the caller sets the tensors."""
         lins = transfer.projections(site)
         if lins is None or any(lin.weight_node.target in shared for lin in lins):
-            return {"transfer": "skipped (projections not three separate, unshared linears)"}
+            return {"transfer": "skipped (projections not three separate, unshared linears)"}, {}
         if not transfer.matches_graph(gm, site, vals["x"][0], vals["q"][0], vals["k"][0]):
-            return {"transfer": "skipped (q/k are not plain reshapes of the projections)"}
+            return {"transfer": "skipped (q/k are not plain reshapes of the projections)"}, {}
         masks = vals["key_mask"]
         keep = [(m != 0) if m is not None else torch.ones(x.shape[:2], dtype=torch.bool)
                 for m, x in zip(masks, vals["x"])]
@@ -159,9 +221,7 @@ class ReplaceAttention(Pass):
         new, info = transfer.fit_projections(gm, site, samples, attend, extra, self.transfer_steps, self.transfer_lr)
         for i, target in enumerate(maps):
             new[target] = new.pop(f"extra.{i}")
-        for target, tensor in new.items():
-            set_attr_tensor(gm, target, tensor)
-        return info
+        return info, new
 
     def _to_local(self, gm, site, causal: bool, key_mask: Node | None) -> dict:
         sdpa = site.node

@@ -74,6 +74,31 @@ def test_layer_selection_keeps_the_rest_in_softmax():
     assert "layer 7" in record.details["skipped"]
 
 
+def test_auto_layers_take_the_least_sensitive_within_the_floor():
+    gm, loose = _run("bert", kind="local", window=2, global_tokens=0, min_cos=1e-3, transfer_steps=0)
+    alone = loose.details["auto"]["alone"]  # each layer replaced by itself: its min cosine
+    assert _ops(gm) == ["block_sparse_attention"] * 2 and len(alone) == 2
+    both, best = loose.fidelity["cos_min"], max(alone, key=alone.get)
+    assert both < alone[best] < 1  # two layers cost more than the cheaper one alone
+    floor = (both + alone[best]) / 2
+    gm, mid = _run("bert", kind="local", window=2, global_tokens=0, min_cos=floor, transfer_steps=0)
+    assert _sdpa_count(gm) == 1 and list(mid.details["layers"]) == [best]
+    assert mid.fidelity["cos_min"] >= floor and "kept in softmax" in str(mid.details["skipped"])
+    gm, none = _run("bert", kind="local", window=2, global_tokens=0, min_cos=1.0, transfer_steps=0)
+    assert not none.modified and _sdpa_count(gm) == 2
+
+
+def test_auto_layers_train_each_feature_map_once(monkeypatch):
+    from slimformer.passes import feature_maps
+    calls = []
+    train = feature_maps.train_hedgehog
+    monkeypatch.setattr(feature_maps, "train_hedgehog", lambda *a, **k: calls.append(1) or train(*a, **k))
+    gm, record = _run("bert", kind="linear", min_cos=1e-3, transfer_steps=5)
+    # 2 layers alone, then both together and the final rewrite reuse what was trained
+    assert len(calls) == 2 and _ops(gm) == ["linear_attention"] * 2
+    assert all("loss_end" in layer for layer in record.details["layers"].values())
+
+
 @pytest.mark.parametrize("name, reason", [("mpnet", "matmul_softmax"), ("t5_encoder", "float mask")])
 def test_unsupported_forms_are_skipped_with_a_reason(name, reason):
     gm, record = _run(name, kind="linear", transfer_steps=2)
@@ -95,6 +120,8 @@ def test_parse_layers():
     ({"attention": "linear", "attention_layers": [-1]}, "attention_layers"),
     ({"attention": "linear", "attention_window": 64}, "'local' only"),
     ({"attention": "linear", "attention_feature_map": "relu"}, "hedgehog"),
+    ({"attention": "local", "attention_min_cos": 0.9}, "'auto' only"),
+    ({"attention": "local", "attention_layers": "auto", "attention_min_cos": 1.5}, "(0, 1]"),
 ])
 def test_bad_options_fail_early_with_a_hint(options, needle):
     with pytest.raises(SlimformerError) as e:
