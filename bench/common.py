@@ -149,14 +149,17 @@ def time_round_robin(systems: dict[str, Callable[[], object]], runs: int, warmup
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def time_paired(systems: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """One timed call (ms) per system per round, the order rotating each round; returns the
-    samples, round by round, so a caller can take each round's ratio between two systems.
+def time_paired(systems: dict[str, Callable[[], object]], rounds: int, warmup: int,
+                per_turn: int = 5) -> dict[str, list[float]]:
+    """Per system, one latency (ms) per round: the median of `per_turn` timed calls in its turn.
+    The order rotates each round; the result lists rounds in order, so a caller can take each
+    round's ratio between two systems.
 
-    On this VM the speed drifts by 20-40% over seconds (a neighbour's load, not ours): a median
-    of per-system blocks moves whole-system ratios by 10% from run to run. Calls a few hundred
-    ms apart see the same drift, so the ratio inside a round cancels most of it. Each turn
-    starts with an untimed call: the previous system's thread pool may still be spinning.
+    On this VM the speed drifts by 20-40% over seconds (a neighbour's load, not ours): medians
+    over whole runs moved ratios by 10% from run to run. Turns a few seconds apart see the same
+    drift, so the ratio inside a round cancels most of it. Each turn starts with an untimed
+    call, and one call per turn is not enough: right after a switch, the other sessions' thread
+    pools still spin, and at batch 1 the first timed calls ran 50% slower than later ones.
     """
     names = list(systems)
     for _ in range(warmup):
@@ -167,10 +170,30 @@ def time_paired(systems: dict[str, Callable[[], object]], rounds: int, warmup: i
         k = r % len(names)
         for name in names[k:] + names[:k]:
             systems[name]()
-            t0 = time.perf_counter()
-            systems[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            turn = []
+            for _ in range(per_turn):
+                t0 = time.perf_counter()
+                systems[name]()
+                turn.append((time.perf_counter() - t0) * 1e3)
+            times[name].append(statistics.median(turn))
     return times
+
+
+def busy_cores(seconds: float = 2.0) -> float | None:
+    """Cores kept busy by other processes over the next `seconds` (from /proc/stat; None off
+    Linux). The 1-minute load average still counts work that ended a minute ago."""
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+
+    try:
+        t0, i0 = sample()
+        time.sleep(seconds)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
 
 
 def machine_info() -> dict:

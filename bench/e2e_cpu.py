@@ -6,8 +6,8 @@ and slimformer's CPU targets, all measured in one run.
         --extra "cpu-int8+prune=--prune-heads 0.25 --prune-ffn 0.4"
     python bench/e2e_cpu.py --skip-slimformer    # baselines only
 
-Speed is compared as a ratio to the anchor timed in the same round (each round times every
-system once, and the ratio is the median over rounds): this machine is noisy, so
+Speed is compared as a ratio to the anchor timed in the same round (each round gives every
+system a turn of 5 timed calls; the ratio is the median over rounds): this machine is noisy, so
 absolute times across runs mean little. Fidelity is the cosine of mean-pooled embeddings to
 torch fp32 over bench/data/eval_sentences.txt (none of it is calibration text).
 """
@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 ANCHOR = "ort_int8_anchor"
 INT4_ANCHOR = "ort_int4_rtn"
 SEQ = 128
+BUSY = 0.25  # cores busy with other work before the run above which the table says so
 
 
 class Row:
@@ -197,8 +198,8 @@ def measure_speed(rows: list[Row], tokenizer, args) -> None:
         feeds = common.tokenize(tokenizer, texts[:batch], max_length=SEQ)
         systems = {r.name: (lambda r=r, f=feeds: r.run(f)) for r in live}
         rounds = runs * args.repeat
-        print(f"timing batch {batch} x seq {SEQ}: {rounds} rounds, one timed call per system "
-              "per round ...", flush=True)
+        print(f"timing batch {batch} x seq {SEQ}: {rounds} rounds, a turn of 5 timed calls per "
+              "system per round ...", flush=True)
         times = common.time_paired(systems, rounds, args.warmup)
         for r in live:
             r.result[f"latency_ms_{key}"] = statistics.median(times[r.name])
@@ -244,17 +245,17 @@ def print_table(results: list[dict]) -> None:
     Console(width=None if sys.stdout.isatty() else 170).print(table)
 
 
-def markdown(results: list[dict], machine: dict, load: float) -> str:
+def markdown(results: list[dict], machine: dict, busy: float | None) -> str:
     head = ["system"] + [h for _, h, _ in COLUMNS]
     lines = [
         f"MiniLM-L6 (all-MiniLM-L6-v2), batch 8 and 1 x seq {SEQ}, {machine['cpu']}, "
         f"{machine['cores']} cores, onnxruntime {machine['onnxruntime']}. "
         f"`vs anchor` = latency / ORT `quantize_dynamic` per-channel int8 (lower is better): "
-        f"the median over rounds of the ratio within a round (every system timed once per "
-        f"round), with the quartiles of those ratios in brackets; "
+        f"the median over rounds of the ratio within a round (every system gets a turn of 5 "
+        f"timed calls per round), with the quartiles of those ratios in brackets; "
         f"cos = mean-pooled embedding vs torch fp32."
-        + (f" Measured on a busy machine (load average {load:.1f}): latencies are inflated."
-           if load > 0.5 else ""),
+        + (f" Measured on a busy machine (other processes kept {busy:.1f} cores busy at the "
+            f"start): latencies are inflated." if busy is not None and busy > BUSY else ""),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                    help="extra slimformer variant, e.g. 'cpu-int8+prune=--prune-heads 0.25'")
     p.add_argument("--skip-slimformer", action="store_true", help="baselines only")
-    p.add_argument("--runs", type=int, default=20, help="timing rounds at batch 8 (one call per system each)")
+    p.add_argument("--runs", type=int, default=20, help="timing rounds at batch 8 (5 timed calls per system each)")
     p.add_argument("--runs-b1", type=int, default=50, help="timing rounds at batch 1")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=1,
@@ -299,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
-    if load_start > 0.5:
+    busy_start = common.busy_cores()
+    if busy_start is not None and busy_start > BUSY:
         # Other processes share these 2 cores; torch's OpenMP threads suffer most from it.
-        print(f"WARNING: 1-min load average is {load_start:.1f} before the run; "
+        print(f"WARNING: other processes keep {busy_start:.1f} cores busy before the run; "
               "latencies will be inflated and skewed", flush=True)
     torch.set_num_threads(2)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -355,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             "paraphrase_pairs": len(common.paraphrase_pairs()),
             "elapsed_s": round(elapsed, 1),
             "load_avg_1min_at_start": round(load_start, 2),
+            "busy_cores_at_start": None if busy_start is None else round(busy_start, 2),
             "load_avg_1min_after_timing": round(load_end, 2),
         },
         "rows": results,
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results, machine, load_start))
+    out.with_suffix(".md").write_text(markdown(results, machine, busy_start))
 
     print_table(results)
     ref = {r["name"]: r for r in results}

@@ -33,10 +33,26 @@ def test_convert_with_local_attention(tiny_model_dir, calib_file, tmp_path, caps
     assert hidden.shape[:2] == (1, 45) and np.isfinite(hidden).all()
 
 
+def test_convert_with_auto_layers(tiny_model_dir, calib_file, tmp_path, capsys):
+    out = tmp_path / "tiny-auto"
+    rc = cli.main(convert_args(tiny_model_dir, out, calib_file, "--target", "cpu-fp32", "--attention", "local",
+                               "--attention-window", "2", "--global-tokens", "0", "--attention-layers", "auto",
+                               "--attention-min-cos", "0.5"))
+    assert rc == 0, capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    record = next(p for p in report["passes"] if p["name"] == "replace_attention")
+    auto = record["details"]["auto"]
+    assert auto["min_cos"] == 0.5 and len(auto["alone"]) == 2  # each layer tried alone, then together
+    assert "2 attention block(s) -> local" in record["summary"]
+
+
 def test_bad_attention_flags_fail_cleanly(tiny_model_dir, calib_file, tmp_path, capsys):
     for flags, needle in ((["--attention", "local", "--attention-window", "0"], "attention_window"),
                           (["--attention", "local", "--global-tokens", "-2"], "global_tokens"),
-                          (["--attention", "linear", "--attention-layers", "3-1"], "attention_layers")):
+                          (["--attention", "linear", "--attention-layers", "3-1"], "attention_layers"),
+                          (["--attention", "local", "--attention-min-cos", "0.9"], "attention_layers='auto'"),
+                          (["--attention", "local", "--attention-layers", "auto", "--attention-min-cos", "2"],
+                           "attention_min_cos")):
         out = tmp_path / "never"
         rc = cli.main(convert_args(tiny_model_dir, out, calib_file, "--target", "cpu-fp32", *flags))
         captured = capsys.readouterr()
