@@ -145,7 +145,7 @@ class ReplaceAttention(Pass):
     # -- rewrites ------------------------------------------------------------------------------
 
     def _rewrite(self, gm: GraphModule, site, plan: tuple, trained: dict) -> dict:
-        """One site rewritten in gm (and its transfer trained, or taken from `trained`)."""
+        """One site rewritten in gm, its transfer trained here or taken from `trained`."""
         vals, causal, use_key_mask, shared = plan
         km = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == KEY_MASK_INPUT) \
             if use_key_mask else None  # gm may be a copy: its own input node
@@ -154,17 +154,20 @@ class ReplaceAttention(Pass):
             info, maps = self._to_linear(gm, site, vals, causal, km, done and done["maps"])
         else:
             info, maps = self._to_local(gm, site, causal, km), []
-        if done is None:
-            done = {"maps": [analysis.get_attr_tensor(gm, _get_attr(gm, t)) for t in maps] or None,
-                    "info": info}
-            if self.transfer_steps > 0:
-                fit, done["new"] = self._transfer(gm, site, vals, causal, maps, shared)
-                done["info"] = {**info, **fit}
-            trained[site.path] = done
-        for target, tensor in done.get("new", {}).items():
+        if done is not None:
+            for target, tensor in done["new"].items():
+                set_attr_tensor(gm, target, tensor)
+            return {"causal": causal, **done["info"]}
+        new = {}
+        if self.transfer_steps > 0:
+            fit, new = self._transfer(gm, site, vals, causal, maps, shared)
+            info = {**info, **fit}
+        for target, tensor in new.items():
             set_attr_tensor(gm, target, tensor)
-        return {"causal": causal, **done["info"]}
-
+        trained[site.path] = {  # the feature maps by position (as fitted): their names are gm's
+            "info": info, "maps": [analysis.get_attr_tensor(gm, _get_attr(gm, t)) for t in maps] or None,
+            "new": {t: w for t, w in new.items() if t not in maps}}
+        return {"causal": causal, **info}
 
     def _to_linear(self, gm, site, vals, causal: bool, key_mask: Node | None, maps_done=None) -> tuple[dict, list]:
         sdpa = site.node

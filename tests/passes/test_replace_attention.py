@@ -97,6 +97,11 @@ def test_auto_layers_train_each_feature_map_once(monkeypatch):
     # 2 layers alone, then both together and the final rewrite reuse what was trained
     assert len(calls) == 2 and _ops(gm) == ["linear_attention"] * 2
     assert all("loss_end" in layer for layer in record.details["layers"].values())
+    # the reuse is exact: the same graph as replacing both layers directly
+    direct, _ = _run("bert", kind="linear", transfer_steps=5)
+    model, _, _ = exported("bert")
+    batch = inputs(model)
+    torch.testing.assert_close(gm(**batch), direct(**batch), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name, reason", [("mpnet", "matmul_softmax"), ("t5_encoder", "float mask")])
