@@ -92,14 +92,15 @@ class ReplaceAttention(Pass):
             plans[site.path] = (vals, causal, use_key_mask, shared)
         trained: dict[str, dict] = {}  # path -> trained tensors: a site is trained once, reused after
         chosen = list(plans)
+        tick = _progress(ctx, f"attention transfer ({self.kind})", len(plans))
         if self.min_cos is not None and plans:
-            best, details["auto"] = self._choose(gm, ctx, plans, trained)
+            best, details["auto"] = self._choose(gm, ctx, plans, trained, tick)
             chosen = [p for p in plans if p in best]  # call order
             for path in plans.keys() - set(best):
                 skipped[path] = f"kept in softmax: replacing it too would take min cos below {self.min_cos}"
         sites_now = {s.path: s for s in sites}
         for path in chosen:
-            details["layers"][path] = self._rewrite(gm, sites_now[path], plans[path], trained)
+            details["layers"][path] = self._rewrite(gm, sites_now[path], plans[path], trained, tick)
         replaced = chosen
         if not replaced:
             return PassResult(gm, False, f"no attention replaced ({len(skipped)} skipped)", details)
@@ -117,7 +118,8 @@ class ReplaceAttention(Pass):
 
     # -- layer choice --------------------------------------------------------------------------
 
-    def _choose(self, gm: GraphModule, ctx: CompileContext, plans: dict, trained: dict) -> tuple[list[str], dict]:
+    def _choose(self, gm: GraphModule, ctx: CompileContext, plans: dict, trained: dict,
+                tick) -> tuple[list[str], dict]:
         """The layers to replace when min_cos is set. Each candidate is replaced alone in a copy
         of the graph (its transfer trained once, here, and reused by later copies and the
         final rewrite) and ranked by what it costs (1 - min cosine on the calibration batches);
@@ -128,7 +130,7 @@ class ReplaceAttention(Pass):
             g = analysis.copy_graph(gm)
             sites = {s.path: s for s in analysis.find_attention(g)}
             for path in paths:
-                self._rewrite(g, sites[path], plans[path], trained)
+                self._rewrite(g, sites[path], plans[path], trained, tick)
             g.graph.eliminate_dead_code()
             g.recompile()
             return ctx.fidelity(g).cos_min
@@ -144,7 +146,7 @@ class ReplaceAttention(Pass):
 
     # -- rewrites ------------------------------------------------------------------------------
 
-    def _rewrite(self, gm: GraphModule, site, plan: tuple, trained: dict) -> dict:
+    def _rewrite(self, gm: GraphModule, site, plan: tuple, trained: dict, tick=lambda: None) -> dict:
         """One site rewritten in gm, its transfer trained here or taken from `trained`."""
         vals, causal, use_key_mask, shared = plan
         km = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == KEY_MASK_INPUT) \
@@ -164,6 +166,7 @@ class ReplaceAttention(Pass):
             info = {**info, **fit}
         for target, tensor in new.items():
             set_attr_tensor(gm, target, tensor)
+        tick()
         trained[site.path] = {  # the feature maps by position (as fitted): their names are gm's
             "info": info, "maps": [analysis.get_attr_tensor(gm, _get_attr(gm, t)) for t in maps] or None,
             "new": {t: w for t, w in new.items() if t not in maps}}
@@ -248,6 +251,14 @@ def _distill(gm: GraphModule, ctx: CompileContext, replaced: list[str], steps: i
     n = max(1, min(len(ctx.calibration), len(losses)))
     return {"via": "distill", "steps": len(losses), "loss_start": round(sum(losses[:n]) / n, 5),
             "loss_end": round(sum(losses[-n:]) / n, 5)}
+
+
+def _progress(ctx: CompileContext, what: str, total: int):
+    """A callable advancing a progress bar of `total` steps (a no-op without one)."""
+    if ctx.progress is None or total == 0:
+        return lambda: None
+    task = ctx.progress.add_task(what, total=total)
+    return lambda: ctx.progress.advance(task)
 
 
 def _get_attr(gm: GraphModule, target: str) -> Node:
