@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from slimformer.kernels._triton import interpret_requested, m_bucket
-from slimformer.kernels.int8_linear import _autotune_extra, cdiv
-from slimformer.kernels.tiles import grouped_tile, m_bucket_pruner
+from slimformer.kernels.int8_linear import cdiv
+from slimformer.kernels.tiles import bucket_autotune, grouped_tile
 
 INTERPRET = interpret_requested()
 SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256)  # tl.dot needs >= 16 columns in each nibble half
@@ -155,15 +155,8 @@ MAX_SPLIT_K = 4
 DEQUANT_MIN_M = int(os.environ.get("SLIMFORMER_INT4_DEQUANT_MIN_M", "128"))
 
 
-_prune = m_bucket_pruner(INTERPRET, CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M)
-
-
-_int4_tuned = triton.autotune(
-    configs=CONFIGS_INTERPRET if INTERPRET else CONFIGS_SMALL_M + CONFIGS_MID_M + CONFIGS_LARGE_M,
-    key=["M_BUCKET", "N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune},
-    **_autotune_extra(),
-)(_int4_matmul_kernel)
+_int4_tuned = bucket_autotune(_int4_matmul_kernel, ["M_BUCKET", "N", "K", "GROUP"], INTERPRET, CONFIGS_INTERPRET,
+                              CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M)
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
 _RETIRED: list[torch.Tensor] = []  # outgrown lock buffers, kept alive (see _locks)

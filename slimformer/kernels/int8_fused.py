@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from slimformer.kernels._triton import interpret_requested, m_bucket
-from slimformer.kernels.int8_linear import _autotune_extra, _rint, _smoothed, cdiv
-from slimformer.kernels.tiles import grouped_tile, m_bucket_pruner
+from slimformer.kernels.int8_linear import _rint, _smoothed, cdiv
+from slimformer.kernels.tiles import bucket_autotune, grouped_tile
 
 INTERPRET = interpret_requested()
 
@@ -106,15 +106,8 @@ CONFIGS_LARGE_M = [_cfg(128, 128, 64, 3, 8), _cfg(64, 128, 64, 3, 4), _cfg(128, 
 CONFIGS_INTERPRET = [_cfg(32, 128, 128, 1, 4)]
 
 
-_prune = m_bucket_pruner(INTERPRET, CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M)
-
-
-_fused_tuned = triton.autotune(
-    configs=CONFIGS_INTERPRET if INTERPRET else CONFIGS_SMALL_M + CONFIGS_MID_M + CONFIGS_LARGE_M,
-    key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune},
-    **_autotune_extra(),
-)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_fused_kernel))
+_fused_tuned = bucket_autotune(_int8_fused_kernel, ["M_BUCKET", "N", "K"], INTERPRET, CONFIGS_INTERPRET,
+                               CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M, even_k=True)
 
 
 def int8_linear_fused(

@@ -26,7 +26,6 @@ order of fp32 multiplies (a GPU may fuse the bias add into an FMA: an ulp, no mo
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 
 import torch
@@ -34,7 +33,7 @@ import triton
 import triton.language as tl
 
 from slimformer.kernels._triton import interpret_requested, m_bucket, next_pow2
-from slimformer.kernels.tiles import grouped_tile, m_bucket_pruner
+from slimformer.kernels.tiles import bucket_autotune, grouped_tile
 
 INTERPRET = interpret_requested()  # kernels below were built for the interpreter
 # Quantization fused into the GEMM (one launch, int8_fused.py) instead of the two launches
@@ -172,20 +171,6 @@ CONFIGS_LARGE_M = [  # compute bound: big wgmma tiles, 3-4 stages of 128-deep K
 CONFIGS_INTERPRET = [_cfg(32, 128, 128, 1, 4)]
 
 
-_prune = m_bucket_pruner(INTERPRET, CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M)
-
-
-def _autotune_extra() -> dict:
-    """Shorter autotune timing where this Triton accepts a custom `do_bench` (3.2+)."""
-    if "do_bench" not in inspect.signature(triton.autotune).parameters:
-        return {}
-
-    def bench(fn, quantiles):
-        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
-
-    return {"do_bench": bench}
-
-
 @triton.jit
 def _int8_matmul_kernel(
     a_ptr, b_ptr, c_ptr,  # a (M, K) int8, b (N, K) int8, c (M, N) out dtype (int32 if RAW)
@@ -234,14 +219,8 @@ def _int8_matmul_kernel(
         tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-# Autotuned launcher; `_int8_matmul_kernel` itself stays a plain JITFunction (the compile-only
-# test builds it for sm_90 directly).
-_int8_tuned = triton.autotune(
-    configs=CONFIGS_INTERPRET if INTERPRET else CONFIGS_SMALL_M + CONFIGS_MID_M + CONFIGS_LARGE_M,
-    key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune},
-    **_autotune_extra(),
-)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_int8_matmul_kernel))
+_int8_tuned = bucket_autotune(_int8_matmul_kernel, ["M_BUCKET", "N", "K"], INTERPRET, CONFIGS_INTERPRET,
+                              CONFIGS_SMALL_M, CONFIGS_MID_M, CONFIGS_LARGE_M, even_k=True)
 
 
 def int8_matmul(

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
 
@@ -31,3 +33,30 @@ def m_bucket_pruner(interpret: bool, small: list, mid: list, large: list):
         pick = small if mb <= 16 else mid if mb <= 256 else large
         return [c for c in configs if c in pick]
     return prune
+
+
+def _autotune_extra() -> dict:
+    """Shorter autotune timing where this Triton accepts a custom `do_bench` (3.2+)."""
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        return {}
+
+    def bench(fn, quantiles):
+        return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+    return {"do_bench": bench}
+
+
+def bucket_autotune(kernel, key: list[str], interpret: bool, interpret_configs: list,
+                    small: list, mid: list, large: list, even_k: bool = False):
+    """The autotuned launcher of a GEMM kernel: the configs of the call's row bucket only
+    (m_bucket_pruner), one modest config under the interpreter; with even_k, the EVEN_K
+    constexpr set from K % BLOCK_K. The kernel itself stays a plain JITFunction (the
+    compile-only tests build it for sm_90 directly)."""
+    if even_k:
+        kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(kernel)
+    return triton.autotune(
+        configs=interpret_configs if interpret else small + mid + large,
+        key=key,
+        prune_configs_by={"early_config_prune": m_bucket_pruner(interpret, small, mid, large)},
+        **_autotune_extra(),
+    )(kernel)
