@@ -124,9 +124,9 @@ def size_mb(files: list[Path]) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
-def time_round_robin(systems: dict[str, Callable[[], object]], runs: int, warmup: int,
-                     per_turn: int = 5) -> dict[str, float]:
-    """Median latency (ms) of `runs` timed calls per system.
+def _timed_turns(systems: dict[str, Callable[[], object]], runs: int, warmup: int,
+                 per_turn: int) -> dict[str, list[list[float]]]:
+    """`runs` timed calls (ms) per system, grouped by turn.
 
     Systems take turns, round after round, with the order rotating each round, so the slow
     drift of a noisy machine hits every system alike. Each turn makes one untimed call, then
@@ -137,46 +137,41 @@ def time_round_robin(systems: dict[str, Callable[[], object]], runs: int, warmup
     for _ in range(warmup):
         for name in names:
             systems[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
+    turns: dict[str, list[list[float]]] = {n: [] for n in names}
     for r in range(-(-runs // per_turn)):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             systems[name]()
-            for _ in range(min(per_turn, runs - len(times[name]))):
+            turn = []
+            for _ in range(min(per_turn, runs - r * per_turn)):
                 t0 = time.perf_counter()
                 systems[name]()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {n: statistics.median(t) for n, t in times.items()}
+                turn.append((time.perf_counter() - t0) * 1e3)
+            turns[name].append(turn)
+    return turns
+
+
+def time_round_robin(systems: dict[str, Callable[[], object]], runs: int, warmup: int,
+                     per_turn: int = 5) -> dict[str, float]:
+    """Median latency (ms) of `runs` timed calls per system, taken in turns (_timed_turns)."""
+    turns = _timed_turns(systems, runs, warmup, per_turn)
+    return {n: statistics.median(t for turn in ts for t in turn) for n, ts in turns.items()}
 
 
 def time_paired(systems: dict[str, Callable[[], object]], rounds: int, warmup: int,
                 per_turn: int = 5) -> dict[str, list[float]]:
-    """Per system, one latency (ms) per round: the median of `per_turn` timed calls in its turn.
-    The order rotates each round; the result lists rounds in order, so a caller can take each
-    round's ratio between two systems.
+    """Per system, one latency (ms) per round: the median of its turn's `per_turn` timed calls
+    (_timed_turns). The result lists rounds in order, so a caller can take each round's ratio
+    between two systems.
 
     On this VM the speed drifts by 20-40% over seconds (a neighbour's load, not ours): medians
     over whole runs moved ratios by 10% from run to run. Turns a few seconds apart see the same
-    drift, so the ratio inside a round cancels most of it. Each turn starts with an untimed
-    call, and one call per turn is not enough: right after a switch, the other sessions' thread
-    pools still spin, and at batch 1 the first timed calls ran 50% slower than later ones.
+    drift, so the ratio inside a round cancels most of it. One timed call per turn is not
+    enough: right after a switch the other sessions' thread pools still spin, and at batch 1
+    the first timed calls ran 50% slower than later ones.
     """
-    names = list(systems)
-    for _ in range(warmup):
-        for name in names:
-            systems[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            systems[name]()
-            turn = []
-            for _ in range(per_turn):
-                t0 = time.perf_counter()
-                systems[name]()
-                turn.append((time.perf_counter() - t0) * 1e3)
-            times[name].append(statistics.median(turn))
-    return times
+    turns = _timed_turns(systems, rounds * per_turn, warmup, per_turn)
+    return {n: [statistics.median(turn) for turn in ts] for n, ts in turns.items()}
 
 
 def busy_cores(seconds: float = 2.0) -> float | None:
