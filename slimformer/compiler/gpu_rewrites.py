@@ -19,13 +19,12 @@ arithmetic: the int8 results are bit-identical, fp16 / int4 differ at most by su
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule, Node
 
-from slimformer.compiler.graph_utils import attr_tensor
+from slimformer.compiler.graph_utils import add_constant, attr_tensor, remove_unused_attrs
 from slimformer.kernels import ops
 
 INT8_OP = torch.ops.slimformer.int8_linear.default
@@ -39,11 +38,8 @@ def rewrite_for_gpu(gm: GraphModule) -> dict:
     stats = {"smoothing_folded": fold_smoothing(gm)}
     stats["siblings_fused"] = fuse_siblings(gm)
     stats["direct_calls"] = direct_calls(gm)
-    before = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    gm.graph.eliminate_dead_code()
-    _drop_unused(gm, before)  # the unfused weights: not kept twice on the GPU
+    remove_unused_attrs(gm)  # the unfused weights: not kept twice on the GPU
     gm.graph.lint()
-    gm.recompile()
     return stats
 
 
@@ -147,7 +143,7 @@ def fuse_siblings(gm: GraphModule) -> int:
             cat = torch.cat([t.reshape(sz, -1) if t.dim() != 1 else t for t, sz in zip(ts, sizes)])
             if ts[0].dim() == 3:  # int4 qweight (N, n_blocks, block / 2)
                 cat = cat.reshape(sum(sizes), *ts[0].shape[1:])
-            new_args[i] = _add_attr(gm, f"{members[0].args[kind.n_of].target}_fused", cat.contiguous(), first)
+            new_args[i] = add_constant(gm, f"{members[0].args[kind.n_of].target}_fused", cat, first)
         with gm.graph.inserting_before(first):
             node = gm.graph.call_function(kind.fn, tuple(new_args), dict(members[0].kwargs))
             parts = gm.graph.call_function(torch.ops.aten.split_with_sizes.default, (node, sizes, -1))
@@ -173,24 +169,3 @@ def direct_calls(gm: GraphModule) -> int:
             n.target = ops.int4_linear_impl
             n_calls += 1
     return n_calls
-
-
-def _drop_unused(gm: GraphModule, targets: set[str]) -> None:
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in targets - used:
-        *path, leaf = name.split(".")
-        owner = gm
-        for p in path:
-            owner = getattr(owner, p)
-        if hasattr(owner, leaf):
-            delattr(owner, leaf)
-
-
-def _add_attr(gm: GraphModule, name: str, t: torch.Tensor, before: Node) -> Node:
-    base = re.sub(r"\W", "_", name)
-    attr, i = base, 1
-    while hasattr(gm, attr):
-        attr, i = f"{base}_{i}", i + 1
-    gm.register_buffer(attr, t)
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(attr)
