@@ -8,7 +8,8 @@
 cpu: every system is exported with torch.onnx.export(dynamo=True) and run by ONNX Runtime's CPU
 provider (2 threads, batch 1). "op" times the attention alone at BERT-base shape (12 heads x 64):
 softmax as the cpu-fp32 lowering spells SDPA, linear (Hedgehog features + the chunked/plain
-matmul form), local (window 256, 1 global token). "model" times a 2-layer BERT-base-width model
+matmul form; linear_f128 with 2 x 128 features instead of 2 x 64, the size that makes MiniLM's
+linear attention faithful), local (window 256, 1 global token). "model" times a 2-layer BERT-base-width model
 (random weights, 8192 positions) compiled by slimformer for cpu-fp32, with and without
 attention replacement. Ratios are within one run (the machine may be shared).
 """
@@ -30,6 +31,7 @@ from bench.common import DATA_DIR, RESULTS_DIR, machine_info, now_iso, time_roun
 
 HEADS, HEAD_DIM, HIDDEN, FFN, LAYERS, MAX_POS = 12, 64, 768, 3072, 2, 8192
 WINDOW, GLOBAL = 256, 1
+WIDE_FEATURES = 128  # Hedgehog projections per sign in the "linear_f128" op row (default: HEAD_DIM)
 SEQS = (512, 1024, 2048, 4096, 8192)
 
 
@@ -45,12 +47,13 @@ class SoftmaxOp(torch.nn.Module):
 
 
 class LinearOp(torch.nn.Module):
-    def __init__(self, causal: bool):
+    def __init__(self, causal: bool, feature_dim: int | None = None):
         super().__init__()
         from slimformer.passes.feature_maps import hedgehog_init
         self.causal = causal
-        self.register_buffer("wq", hedgehog_init(HEADS, HEAD_DIM))
-        self.register_buffer("wk", hedgehog_init(HEADS, HEAD_DIM))
+        torch.manual_seed(0)
+        self.register_buffer("wq", hedgehog_init(HEADS, HEAD_DIM, feature_dim))
+        self.register_buffer("wk", hedgehog_init(HEADS, HEAD_DIM, feature_dim))
 
     def forward(self, q, k, v):
         from slimformer.kernels.naive_attention import linear_attention_chunked
@@ -106,6 +109,8 @@ def compile_models() -> dict:
               "attention_mask": torch.ones(2, 256, dtype=torch.long)}]
     variants = {"softmax": {}, "linear": {"attention": "linear", "attention_transfer_steps": 20,
                                           "attention_recover_steps": 0},
+                f"linear_f{WIDE_FEATURES}": {"attention": "linear", "attention_transfer_steps": 20,
+                                             "attention_feature_dim": WIDE_FEATURES, "attention_recover_steps": 0},
                 "local": {"attention": "local", "attention_window": WINDOW, "global_tokens": GLOBAL,
                           "attention_recover_steps": 0}}
     out = {}
@@ -125,7 +130,8 @@ def run_cpu(seqs, runs: int, parts=("op", "model")) -> dict:
         seqs_op = []
     else:
         seqs_op = seqs
-    ops = {"softmax": SoftmaxOp(), "linear": LinearOp(False), "linear_causal": LinearOp(True), "local": LocalOp()}
+    ops = {"softmax": SoftmaxOp(), "linear": LinearOp(False), "linear_causal": LinearOp(True), "local": LocalOp(),
+           f"linear_f{WIDE_FEATURES}": LinearOp(False, WIDE_FEATURES)}
     sessions = {n: ort_session(export_op(m)) for n, m in ops.items()} if seqs_op else {}
     for T in seqs_op:
         x = np.random.default_rng(0).standard_normal((1, HEADS, T, HEAD_DIM)).astype(np.float32)
@@ -228,7 +234,8 @@ def run_fidelity(seq: int = 256, recover_steps: int | None = None) -> dict:
 
 
 def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recover_steps: int,
-                       recover_lr: float, seq: int = 256, min_cos: float | None = None) -> dict:
+                       recover_lr: float, seq: int = 256, min_cos: float | None = None,
+                       feature_dim: int | None = None, hedgehog_steps: int | None = None) -> dict:
     """The replace_attention pass alone on MiniLM's traced graph (no ONNX export, one torch
     thread: minutes instead of tens of minutes on a busy 2-core machine); held-out fidelity
     (token-level, as the report's, and of mean-pooled embeddings) before and after the
@@ -253,6 +260,8 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
             "min_cos": min_cos}
     if kind == "local":
         opts.update(window=64, global_tokens=1)
+    else:
+        opts.update(feature_dim=feature_dim, hedgehog_steps=hedgehog_steps)
     gm = PassManager([ReplaceAttention(**opts)]).run(gm, ctx)
     held_ref = run_batches(model, held)
 
@@ -348,6 +357,10 @@ def main(argv=None) -> int:
     p.add_argument("--recover-steps", type=int, default=None)
     p.add_argument("--min-cos", type=float, default=None,
                    help="fidelity-graph: replace only the layers that keep this min cosine (layers 'auto')")
+    p.add_argument("--feature-dim", type=int, default=None,
+                   help="fidelity-graph, linear: Hedgehog projections per sign (default: head dim)")
+    p.add_argument("--hedgehog-steps", type=int, default=None,
+                   help="fidelity-graph, linear: Hedgehog fit steps (default: --transfer-steps)")
     p.add_argument("--dry-run", action="store_true", help="gpu mode on CPU tensors (Triton interpreter)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     args = p.parse_args(argv)
@@ -371,8 +384,13 @@ def main(argv=None) -> int:
     elif args.mode == "fidelity-graph":
         os.environ.setdefault("SLIMFORMER_KERNELS", "reference")
         res = run_fidelity_graph(args.kind, args.transfer_steps, args.transfer_lr, args.recover_steps or 0,
-                                 args.recover_lr, min_cos=args.min_cos)
+                                 args.recover_lr, min_cos=args.min_cos, feature_dim=args.feature_dim,
+                                 hedgehog_steps=args.hedgehog_steps)
         key = f"{args.kind}_t{args.transfer_steps}_r{args.recover_steps or 0}"
+        if args.feature_dim:
+            key += f"_f{args.feature_dim}"
+        if args.hedgehog_steps:
+            key += f"_h{args.hedgehog_steps}"
         saved.setdefault("fidelity_graph", {})[key + (f"_auto{args.min_cos}" if args.min_cos else "")] = res
     else:
         os.environ.setdefault("SLIMFORMER_KERNELS", "reference")

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "keep the min cosine >= --attention-min-cos (default: all)")
     a.add_argument("--attention-min-cos", type=float, metavar="COS",
                    help="with --attention-layers auto: the floor (default 0.98)")
+    a.add_argument("--attention-features", type=int, metavar="F", dest="attention_feature_dim",
+                   help="linear: learned feature-map size per sign (default: the head dim); "
+                        "larger fits softmax better, linear attention costs grow with F")
     c.set_defaults(func=cmd_convert)
 
     i = sub.add_parser("inspect", help="print an artifact's report")
@@ -170,7 +173,8 @@ def cmd_convert(args) -> int:
 def structural_options(args) -> dict:
     """The convert flags that map onto compile(**options); unset flags are left out."""
     keys = ("prune_heads", "prune_ffn", "drop_layers", "recover_steps", "attention",
-            "attention_window", "global_tokens", "attention_layers", "attention_min_cos")
+            "attention_window", "global_tokens", "attention_layers", "attention_min_cos",
+            "attention_feature_dim")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

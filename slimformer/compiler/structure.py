@@ -13,7 +13,7 @@ from slimformer.compiler.pass_manager import Pass
 PRUNING_OPTIONS = ("prune_heads", "prune_ffn", "drop_layers", "recover_steps")
 ATTENTION_OPTIONS = ("attention", "attention_window", "global_tokens", "attention_layers",
                      "attention_min_cos", "attention_recover_steps", "attention_transfer_steps",
-                     "attention_feature_map")
+                     "attention_feature_map", "attention_feature_dim", "attention_hedgehog_steps")
 
 
 def structural_passes(options: dict) -> list[Pass]:

@@ -52,13 +52,15 @@ class ReplaceAttention(Pass):
 
     kind: str = "linear"  # "linear" | "local"
     feature_map: str = "hedgehog"  # linear only: "hedgehog" | "elu"
+    feature_dim: int | None = None  # hedgehog: projections per sign (phi has 2x); None: head dim
     window: int = 64  # local only
     global_tokens: int = 1  # local only
     layers: list[int] | None = None  # indices into the attention blocks in call order; None: all
     min_cos: float | None = None  # set: replace the largest cheapest-first subset of `layers` that
     # keeps the calibration min cosine >= min_cos (before end-to-end recovery); see _choose
-    transfer_steps: int = 150  # per layer: Hedgehog fit, then q/k/v projection fit
+    transfer_steps: int = 150  # per layer: q/k/v projection fit (and Hedgehog's, if not given below)
     transfer_lr: float = 1e-4
+    hedgehog_steps: int | None = None  # per layer, Hedgehog's fit to softmax; None: transfer_steps
     recover_steps: int = 0  # end-to-end distillation steps after the rewrite
     recover_lr: float = 2e-5
 
@@ -109,8 +111,11 @@ class ReplaceAttention(Pass):
         analysis.invalidate(gm)
         if self.recover_steps > 0:
             details["recover"] = _distill(gm, ctx, replaced, self.recover_steps, self.recover_lr)
-        what = f"{self.kind} ({self.feature_map})" if self.kind == "linear" else \
-            f"local (window {self.window}, {self.global_tokens} global)"
+        if self.kind == "linear":
+            sizes = sorted({layer["features"] for layer in details["layers"].values() if "features" in layer})
+            what = f"linear ({self.feature_map}" + (f", {'/'.join(map(str, sizes))} features)" if sizes else ")")
+        else:
+            what = f"local (window {self.window}, {self.global_tokens} global)"
         summary = f"{len(replaced)} attention block(s) -> {what}"
         if skipped:
             summary += f"; {len(skipped)} kept in softmax: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
@@ -183,7 +188,8 @@ class ReplaceAttention(Pass):
                 samples = [(qq, kk, _allowed(mm, causal, km, qq.shape[2], kk.shape[2]))
                            for qq, kk, mm, km in zip(vals["q"], vals["k"], vals["mask"], vals["key_mask"])]
                 wq, wk, info = fm.train_hedgehog(samples, site.num_heads, site.head_dim, _scale(sdpa, site.head_dim),
-                                                 self.transfer_steps)
+                                                 self.transfer_steps if self.hedgehog_steps is None
+                                                 else self.hedgehog_steps, feature_dim=self.feature_dim)
             wq_node = add_constant(gm, f"{site.path}.hedgehog_q", wq, sdpa)
             wk_node = add_constant(gm, f"{site.path}.hedgehog_k", wk, sdpa)
             phi_q = _call(gm, fm.hedgehog_features, (q, wq_node), sdpa)

@@ -51,6 +51,7 @@ def test_bad_attention_flags_fail_cleanly(tiny_model_dir, calib_file, tmp_path, 
                           (["--attention", "local", "--global-tokens", "-2"], "global_tokens"),
                           (["--attention", "linear", "--attention-layers", "3-1"], "attention_layers"),
                           (["--attention", "local", "--attention-min-cos", "0.9"], "attention_layers='auto'"),
+                          (["--attention", "local", "--attention-features", "64"], "attention_feature_dim"),
                           (["--attention", "local", "--attention-layers", "auto", "--attention-min-cos", "2"],
                            "attention_min_cos")):
         out = tmp_path / "never"

@@ -125,6 +125,9 @@ def test_parse_layers():
     ({"attention": "linear", "attention_layers": [-1]}, "attention_layers"),
     ({"attention": "linear", "attention_window": 64}, "'local' only"),
     ({"attention": "linear", "attention_feature_map": "relu"}, "hedgehog"),
+    ({"attention": "local", "attention_feature_dim": 64}, "attention='linear'"),
+    ({"attention": "linear", "attention_feature_map": "elu", "attention_feature_dim": 64}, "Hedgehog"),
+    ({"attention": "linear", "attention_feature_dim": 0}, "attention_feature_dim"),
     ({"attention": "local", "attention_min_cos": 0.9}, "'auto' only"),
     ({"attention": "local", "attention_layers": "auto", "attention_min_cos": 1.5}, "(0, 1]"),
 ])
@@ -137,7 +140,8 @@ def test_bad_options_fail_early_with_a_hint(options, needle):
 @pytest.mark.parametrize("name, kind", [("gpt2", "linear")])  # local: tests/cli/test_attention_cli.py
 def test_cpu_fp32_lowering_runs_longer_padded_inputs(name, kind):
     """ONNX Runtime runs the lowered ops (ONNX export costs ~20 s each: one kind here, the other
-    in the CLI test) at a length other than the traced one, with padding."""
+    in the CLI test) at a length other than the traced one, with padding; linear with more
+    Hedgehog features than the head dim (phi: 2 x 24 features for head dim 8)."""
     import slimformer
 
     model = FAMILIES[name].build()
@@ -145,10 +149,13 @@ def test_cpu_fp32_lowering_runs_longer_padded_inputs(name, kind):
     if kind == "local":
         opts.update(attention_window=4, global_tokens=1)
     else:
-        opts.update(attention_transfer_steps=5)
+        opts.update(attention_transfer_steps=5, attention_feature_dim=24)
     compiled = slimformer.compile(model, "cpu-fp32", inputs(model), calibration(model, n=1), **opts)
     assert compiled.report.passes[0].name == "replace_attention"
     assert compiled.report.final_fidelity["cos_min"] > 0.9
+    if kind == "linear":
+        layers = compiled.report.passes[0].details["layers"].values()
+        assert layers and all(layer["features"] == 48 for layer in layers)
     x = inputs(model, batch=2, seq=41, seed=5)
     out = compiled(**x).last_hidden_state
     assert out.shape[:2] == (2, 41) and torch.isfinite(out).all()
