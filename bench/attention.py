@@ -294,12 +294,18 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
 def _gpu_systems(q, k, v, phi_q, phi_k) -> dict:
     import torch.nn.functional as F
 
+    from slimformer.passes.feature_maps import hedgehog_features, hedgehog_init
+
     local = torch.ops.slimformer.block_sparse_attention
+    torch.manual_seed(0)
+    w = hedgehog_init(HEADS, HEAD_DIM, WIDE_FEATURES).to(q.device, q.dtype)
+    wide_q, wide_k = hedgehog_features(q, w), hedgehog_features(k, w)  # (1, H, T, 2 x 128)
     return {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "linear": lambda: torch.ops.slimformer.linear_attention(phi_q, phi_k, v, False, 1e-6),
         "linear_causal": lambda: torch.ops.slimformer.linear_attention(phi_q, phi_k, v, True, 1e-6),
+        f"linear_f{WIDE_FEATURES}": lambda: torch.ops.slimformer.linear_attention(wide_q, wide_k, v, False, 1e-6),
         "local": lambda: local(q, k, v, None, WINDOW, GLOBAL, False, HEAD_DIM ** -0.5),
     }
 

@@ -77,11 +77,17 @@ def _linear_attention_kernel(
                  mask=t_ok[:, None] & d_ok[None, :])
 
 
+MAX_STATE = 8192  # fp32 state elements a program keeps in registers (32 KB)
+
+
 def launch_params(T: int, F: int, D: int) -> dict:
     # tl.dot needs every dim >= 16; the interpreter is fastest with few, large chunks
     block_t = 64 if not INTERPRET else max(16, min(128, next_pow2(T)))
-    return dict(BLOCK_T=block_t, BLOCK_F=max(16, next_pow2(F)), BLOCK_D=max(16, min(64, next_pow2(D))),
-                num_warps=4)
+    block_f = max(16, next_pow2(F))
+    # wide feature maps (Hedgehog with 2 x 128 features): narrower D-slices, more programs,
+    # so that the (BLOCK_F x BLOCK_D) state stays in registers instead of spilling
+    block_d = max(16, min(64, next_pow2(D), MAX_STATE // block_f))
+    return dict(BLOCK_T=block_t, BLOCK_F=block_f, BLOCK_D=block_d, num_warps=4)
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, eps: float) -> torch.Tensor:

@@ -94,6 +94,19 @@ def test_linear_triton_matches_reference(T, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_linear_triton_wide_features_split_the_value_dim(causal):
+    """300 features (a wide Hedgehog map): BLOCK_F 512, so each program takes a 16-wide slice
+    of D = 40 (three slices, the last partial) to keep its state small."""
+    from slimformer.kernels.linear_attention import launch_params, linear_attention
+
+    q, k, v = _qkv(53, dq=300, d=40, seed=3)
+    phi_q, phi_k = _features(q, k)
+    assert launch_params(53, 300, 40)["BLOCK_D"] == 16
+    got = linear_attention(phi_q, phi_k, v, causal, 1e-6)
+    torch.testing.assert_close(got, ref.linear_attention_ref(phi_q, phi_k, v, causal), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("T", LENGTHS)
 def test_block_sparse_triton_matches_reference(T, causal):
     from slimformer.kernels.block_sparse_attention import block_sparse_attention
