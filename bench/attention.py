@@ -7,9 +7,9 @@
 
 cpu: every system is exported with torch.onnx.export(dynamo=True) and run by ONNX Runtime's CPU
 provider (2 threads, batch 1). "op" times the attention alone at BERT-base shape (12 heads x 64):
-softmax as the cpu-fp32 lowering spells SDPA, linear (Hedgehog features + the chunked/plain
-matmul form; linear_f128 with 2 x 128 features instead of 2 x 64, the size that makes MiniLM's
-linear attention faithful), local (window 256, 1 global token). "model" times a 2-layer BERT-base-width model
+softmax as the cpu-fp32 lowering spells SDPA, linear (Hedgehog features, 2 x 128 by default, +
+the chunked/plain matmul form; linear_f64 with 2 x 64, the head dim), local (window 256, 1
+global token). "model" times a 2-layer BERT-base-width model
 (random weights, 8192 positions) compiled by slimformer for cpu-fp32, with and without
 attention replacement. Ratios are within one run (the machine may be shared).
 """
@@ -31,7 +31,9 @@ from bench.common import DATA_DIR, RESULTS_DIR, machine_info, now_iso, time_roun
 
 HEADS, HEAD_DIM, HIDDEN, FFN, LAYERS, MAX_POS = 12, 64, 768, 3072, 2, 8192
 WINDOW, GLOBAL = 256, 1
-WIDE_FEATURES = 128  # Hedgehog projections per sign in the "linear_f128" op row (default: HEAD_DIM)
+# The "linear_f64" rows: Hedgehog with as many projections per sign as the head dim (the paper's
+# size), against the default max(head dim, 128) of the "linear" rows.
+NARROW_FEATURES = HEAD_DIM
 SEQS = (512, 1024, 2048, 4096, 8192)
 
 
@@ -52,8 +54,10 @@ class LinearOp(torch.nn.Module):
         from slimformer.passes.feature_maps import hedgehog_init
         self.causal = causal
         torch.manual_seed(0)
-        self.register_buffer("wq", hedgehog_init(HEADS, HEAD_DIM, feature_dim))
-        self.register_buffer("wk", hedgehog_init(HEADS, HEAD_DIM, feature_dim))
+        from slimformer.passes.feature_maps import default_feature_dim
+        f = feature_dim or default_feature_dim(HEAD_DIM)
+        self.register_buffer("wq", hedgehog_init(HEADS, HEAD_DIM, f))
+        self.register_buffer("wk", hedgehog_init(HEADS, HEAD_DIM, f))
 
     def forward(self, q, k, v):
         from slimformer.kernels.naive_attention import linear_attention_chunked
@@ -109,8 +113,8 @@ def compile_models() -> dict:
               "attention_mask": torch.ones(2, 256, dtype=torch.long)}]
     variants = {"softmax": {}, "linear": {"attention": "linear", "attention_transfer_steps": 20,
                                           "attention_recover_steps": 0},
-                f"linear_f{WIDE_FEATURES}": {"attention": "linear", "attention_transfer_steps": 20,
-                                             "attention_feature_dim": WIDE_FEATURES, "attention_recover_steps": 0},
+                f"linear_f{NARROW_FEATURES}": {"attention": "linear", "attention_transfer_steps": 20,
+                                               "attention_feature_dim": NARROW_FEATURES, "attention_recover_steps": 0},
                 "local": {"attention": "local", "attention_window": WINDOW, "global_tokens": GLOBAL,
                           "attention_recover_steps": 0}}
     out = {}
@@ -131,7 +135,7 @@ def run_cpu(seqs, runs: int, parts=("op", "model")) -> dict:
     else:
         seqs_op = seqs
     ops = {"softmax": SoftmaxOp(), "linear": LinearOp(False), "linear_causal": LinearOp(True), "local": LocalOp(),
-           f"linear_f{WIDE_FEATURES}": LinearOp(False, WIDE_FEATURES)}
+           f"linear_f{NARROW_FEATURES}": LinearOp(False, NARROW_FEATURES)}
     sessions = {n: ort_session(export_op(m)) for n, m in ops.items()} if seqs_op else {}
     for T in seqs_op:
         x = np.random.default_rng(0).standard_normal((1, HEADS, T, HEAD_DIM)).astype(np.float32)
@@ -294,18 +298,18 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
 def _gpu_systems(q, k, v, phi_q, phi_k) -> dict:
     import torch.nn.functional as F
 
-    from slimformer.passes.feature_maps import hedgehog_features, hedgehog_init
+    from slimformer.passes.feature_maps import default_feature_dim, hedgehog_features, hedgehog_init
 
     local = torch.ops.slimformer.block_sparse_attention
     torch.manual_seed(0)
-    w = hedgehog_init(HEADS, HEAD_DIM, WIDE_FEATURES).to(q.device, q.dtype)
-    wide_q, wide_k = hedgehog_features(q, w), hedgehog_features(k, w)  # (1, H, T, 2 x 128)
+    w = hedgehog_init(HEADS, HEAD_DIM, default_feature_dim(HEAD_DIM)).to(q.device, q.dtype)
+    wide_q, wide_k = hedgehog_features(q, w), hedgehog_features(k, w)  # (1, H, T, 2 x 128): the default
     return {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "linear": lambda: torch.ops.slimformer.linear_attention(phi_q, phi_k, v, False, 1e-6),
         "linear_causal": lambda: torch.ops.slimformer.linear_attention(phi_q, phi_k, v, True, 1e-6),
-        f"linear_f{WIDE_FEATURES}": lambda: torch.ops.slimformer.linear_attention(wide_q, wide_k, v, False, 1e-6),
+        "linear_hedgehog": lambda: torch.ops.slimformer.linear_attention(wide_q, wide_k, v, False, 1e-6),
         "local": lambda: local(q, k, v, None, WINDOW, GLOBAL, False, HEAD_DIM ** -0.5),
     }
 
@@ -364,7 +368,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-cos", type=float, default=None,
                    help="fidelity-graph: replace only the layers that keep this min cosine (layers 'auto')")
     p.add_argument("--feature-dim", type=int, default=None,
-                   help="fidelity-graph, linear: Hedgehog projections per sign (default: head dim)")
+                   help="fidelity-graph, linear: Hedgehog projections per sign (default: max(head dim, 128))")
     p.add_argument("--hedgehog-steps", type=int, default=None,
                    help="fidelity-graph, linear: Hedgehog fit steps (default: --transfer-steps)")
     p.add_argument("--dry-run", action="store_true", help="gpu mode on CPU tensors (Triton interpreter)")

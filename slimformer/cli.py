@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attention-min-cos", type=float, metavar="COS",
                    help="with --attention-layers auto: the floor (default 0.98)")
     a.add_argument("--attention-features", type=int, metavar="F", dest="attention_feature_dim",
-                   help="linear: learned feature-map size per sign (default: the head dim); "
+                   help="linear: learned feature-map size per sign (default: max(head dim, 128)); "
                         "larger fits softmax better, linear attention costs grow with F")
     c.set_defaults(func=cmd_convert)
 

@@ -11,7 +11,7 @@ Options:
   attention_min_cos         with attention_layers="auto": the floor (default 0.98)
   attention_feature_map     linear: "hedgehog" (learned, default) | "elu"
   attention_feature_dim     linear, hedgehog: projections per sign, phi has twice as many
-                            features (default: the head dim); more fit softmax better, cost O(T F D)
+                            features (default: max(head dim, 128)); more fit softmax better, cost O(T F D)
   attention_hedgehog_steps  linear: per layer, the Hedgehog fit to the softmax weights (default 400)
   attention_transfer_steps  per layer: the q/k/v projections (and Hedgehog maps) fitted to the
                             original attention output (BERT-style layers; default 150)

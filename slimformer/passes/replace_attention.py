@@ -52,7 +52,7 @@ class ReplaceAttention(Pass):
 
     kind: str = "linear"  # "linear" | "local"
     feature_map: str = "hedgehog"  # linear only: "hedgehog" | "elu"
-    feature_dim: int | None = None  # hedgehog: projections per sign (phi has 2x); None: head dim
+    feature_dim: int | None = None  # hedgehog: projections per sign (phi has 2x); None: max(head dim, 128)
     window: int = 64  # local only
     global_tokens: int = 1  # local only
     layers: list[int] | None = None  # indices into the attention blocks in call order; None: all
@@ -189,7 +189,8 @@ class ReplaceAttention(Pass):
                            for qq, kk, mm, km in zip(vals["q"], vals["k"], vals["mask"], vals["key_mask"])]
                 wq, wk, info = fm.train_hedgehog(samples, site.num_heads, site.head_dim, _scale(sdpa, site.head_dim),
                                                  self.transfer_steps if self.hedgehog_steps is None
-                                                 else self.hedgehog_steps, feature_dim=self.feature_dim)
+                                                 else self.hedgehog_steps,
+                                                 feature_dim=self.feature_dim or fm.default_feature_dim(site.head_dim))
             wq_node = add_constant(gm, f"{site.path}.hedgehog_q", wq, sdpa)
             wk_node = add_constant(gm, f"{site.path}.hedgehog_k", wk, sdpa)
             phi_q = _call(gm, fm.hedgehog_features, (q, wq_node), sdpa)
