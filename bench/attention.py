@@ -51,10 +51,9 @@ class SoftmaxOp(torch.nn.Module):
 class LinearOp(torch.nn.Module):
     def __init__(self, causal: bool, feature_dim: int | None = None):
         super().__init__()
-        from slimformer.passes.feature_maps import hedgehog_init
+        from slimformer.passes.feature_maps import default_feature_dim, hedgehog_init
         self.causal = causal
         torch.manual_seed(0)
-        from slimformer.passes.feature_maps import default_feature_dim
         f = feature_dim or default_feature_dim(HEAD_DIM)
         self.register_buffer("wq", hedgehog_init(HEADS, HEAD_DIM, f))
         self.register_buffer("wk", hedgehog_init(HEADS, HEAD_DIM, f))

@@ -62,7 +62,7 @@ def parse_layers(spec) -> list[int] | None:
     return sorted(set(spec))
 
 
-def _int_option(options: dict, key: str, default: int, minimum: int, hint: str) -> int:
+def _int_option(options: dict, key: str, default: int | None, minimum: int, hint: str) -> int | None:
     value = options.get(key)
     if value is None:
         return default
@@ -89,12 +89,10 @@ def attention_passes(options: dict) -> list[Pass]:
     fmap = options.get("attention_feature_map") or "hedgehog"
     if fmap not in FEATURE_MAPS:
         raise SlimformerError(f"attention_feature_map='{fmap}' is unknown", f"use one of: {', '.join(FEATURE_MAPS)}")
-    feature_dim = options.get("attention_feature_dim")
-    if feature_dim is not None:
-        if kind != "linear" or fmap != "hedgehog":
-            raise SlimformerError("attention_feature_dim applies to attention='linear' with Hedgehog feature maps only",
-                                  "drop --attention-features, or use --attention linear")
-        feature_dim = _int_option(options, "attention_feature_dim", 0, 1, "e.g. --attention-features 128")
+    feature_dim = _int_option(options, "attention_feature_dim", None, 1, "e.g. --attention-features 128")
+    if feature_dim is not None and (kind != "linear" or fmap != "hedgehog"):
+        raise SlimformerError("attention_feature_dim applies to attention='linear' with Hedgehog feature maps only",
+                              "drop --attention-features, or use --attention linear")
     if kind == "linear" and (options.get("attention_window") is not None or options.get("global_tokens") is not None):
         raise SlimformerError("attention_window and global_tokens apply to attention='local' only",
                               "drop them, or use --attention local")
