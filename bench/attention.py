@@ -9,7 +9,8 @@ cpu: every system is exported with torch.onnx.export(dynamo=True) and run by ONN
 provider (2 threads, batch 1). "op" times the attention alone at BERT-base shape (12 heads x 64):
 softmax as the cpu-fp32 lowering spells SDPA, linear (Hedgehog features, 2 x 128 by default, +
 the chunked/plain matmul form; linear_f64 with 2 x 64, the head dim), local (window 256, 1
-global token). "model" times a 2-layer BERT-base-width model
+global token), hybrid (local's window + the other keys through linear attention, 2 x 128
+features). "model" times a 2-layer BERT-base-width model
 (random weights, 8192 positions) compiled by slimformer for cpu-fp32, with and without
 attention replacement. Ratios are within one run (the machine may be shared).
 """
@@ -70,6 +71,18 @@ class LocalOp(torch.nn.Module):
         return block_sparse_attention_blocked(q, k, v, None, WINDOW, GLOBAL, False)
 
 
+class HybridOp(LinearOp):
+    """local's window in softmax + every other key through the default Hedgehog features."""
+    def __init__(self):
+        super().__init__(False)
+
+    def forward(self, q, k, v):
+        from slimformer.kernels.naive_attention import hybrid_attention_blocked
+        from slimformer.passes.feature_maps import hedgehog_features
+        return hybrid_attention_blocked(q, k, v, hedgehog_features(q, self.wq), hedgehog_features(k, self.wk),
+                                        None, WINDOW, GLOBAL, False)
+
+
 def ort_session(data: bytes):
     import onnxruntime as ort
 
@@ -103,7 +116,8 @@ def bert_model():
 
 
 def compile_models() -> dict:
-    """slimformer cpu-fp32 sessions of the same random model: softmax, linear, local."""
+    """slimformer cpu-fp32 sessions of the same random model: softmax, linear, local, hybrid
+    (the attention weights' values do not change the time: short fits)."""
     import slimformer
 
     model = bert_model()
@@ -115,7 +129,10 @@ def compile_models() -> dict:
                 f"linear_f{NARROW_FEATURES}": {"attention": "linear", "attention_transfer_steps": 20,
                                                "attention_feature_dim": NARROW_FEATURES, "attention_recover_steps": 0},
                 "local": {"attention": "local", "attention_window": WINDOW, "global_tokens": GLOBAL,
-                          "attention_recover_steps": 0}}
+                          "attention_recover_steps": 0},
+                "hybrid": {"attention": "hybrid", "attention_window": WINDOW, "global_tokens": GLOBAL,
+                           "attention_transfer_steps": 20, "attention_hedgehog_steps": 20,
+                           "attention_recover_steps": 0}}
     out = {}
     for name, opts in variants.items():
         compiled = slimformer.compile(model, "cpu-fp32", calib[0], calib, **opts)
@@ -134,7 +151,7 @@ def run_cpu(seqs, runs: int, parts=("op", "model")) -> dict:
     else:
         seqs_op = seqs
     ops = {"softmax": SoftmaxOp(), "linear": LinearOp(False), "linear_causal": LinearOp(True), "local": LocalOp(),
-           f"linear_f{NARROW_FEATURES}": LinearOp(False, NARROW_FEATURES)}
+           f"linear_f{NARROW_FEATURES}": LinearOp(False, NARROW_FEATURES), "hybrid": HybridOp()}
     sessions = {n: ort_session(export_op(m)) for n, m in ops.items()} if seqs_op else {}
     for T in seqs_op:
         x = np.random.default_rng(0).standard_normal((1, HEADS, T, HEAD_DIM)).astype(np.float32)
@@ -261,9 +278,9 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
     ctx = CompileContext(model, calib, run_batches(model, calib), 0.995, {}, None, Report("probe", "MiniLM", 0.995))
     opts = {"kind": kind, "transfer_steps": transfer_steps, "transfer_lr": transfer_lr, "recover_steps": 0,
             "min_cos": min_cos}
-    if kind == "local":
+    if kind in ("local", "hybrid"):
         opts.update(window=64, global_tokens=1)
-    else:
+    if kind in ("linear", "hybrid"):
         opts.update(feature_dim=feature_dim, hedgehog_steps=hedgehog_steps)
     gm = PassManager([ReplaceAttention(**opts)]).run(gm, ctx)
     held_ref = run_batches(model, held)
@@ -294,15 +311,20 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
 # ---------------------------------------------------------------------------------------------
 
 
+def _wide_features(q, k):
+    """Hedgehog features of the default size, (1, H, T, 2 x 128), from a seeded init."""
+    from slimformer.passes.feature_maps import default_feature_dim, hedgehog_features, hedgehog_init
+
+    torch.manual_seed(0)
+    w = hedgehog_init(HEADS, HEAD_DIM, default_feature_dim(HEAD_DIM)).to(q.device, q.dtype)
+    return hedgehog_features(q, w), hedgehog_features(k, w)
+
+
 def _gpu_systems(q, k, v, phi_q, phi_k) -> dict:
     import torch.nn.functional as F
 
-    from slimformer.passes.feature_maps import default_feature_dim, hedgehog_features, hedgehog_init
-
     local = torch.ops.slimformer.block_sparse_attention
-    torch.manual_seed(0)
-    w = hedgehog_init(HEADS, HEAD_DIM, default_feature_dim(HEAD_DIM)).to(q.device, q.dtype)
-    wide_q, wide_k = hedgehog_features(q, w), hedgehog_features(k, w)  # (1, H, T, 2 x 128): the default
+    wide_q, wide_k = _wide_features(q, k)
     return {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
         "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -310,6 +332,8 @@ def _gpu_systems(q, k, v, phi_q, phi_k) -> dict:
         "linear_causal": lambda: torch.ops.slimformer.linear_attention(phi_q, phi_k, v, True, 1e-6),
         "linear_hedgehog": lambda: torch.ops.slimformer.linear_attention(wide_q, wide_k, v, False, 1e-6),
         "local": lambda: local(q, k, v, None, WINDOW, GLOBAL, False, HEAD_DIM ** -0.5),
+        "hybrid": lambda: torch.ops.slimformer.hybrid_attention(q, k, v, wide_q, wide_k, None, WINDOW, GLOBAL, False,
+                                                                HEAD_DIM ** -0.5, 1e-6),
     }
 
 
@@ -335,6 +359,9 @@ def run_gpu(seqs, dry_run: bool = False) -> dict:
             "linear": ref.linear_attention_ref(phi_q, phi_k, v, False),
             "local": ref.block_sparse_attention_ref(q, k, v, None, WINDOW, GLOBAL, False),
         }
+        if dry_run:  # the quadratic reference of the hybrid (T x T): short lengths only
+            wide_q, wide_k = _wide_features(q, k)
+            checks["hybrid"] = ref.hybrid_attention_ref(q, k, v, wide_q, wide_k, None, WINDOW, GLOBAL, False)
         row = {"seq": T, "ms": {}, "max_err": {}}
         for name, fn in fns.items():
             out = fn()
@@ -356,7 +383,7 @@ def run_gpu(seqs, dry_run: bool = False) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["cpu", "fidelity", "fidelity-graph", "gpu"])
-    p.add_argument("--kind", default="local", help="fidelity-graph: local | linear")
+    p.add_argument("--kind", default="local", help="fidelity-graph: local | linear | hybrid")
     p.add_argument("--transfer-steps", type=int, default=100)
     p.add_argument("--transfer-lr", type=float, default=1e-4)
     p.add_argument("--recover-lr", type=float, default=2e-5)
@@ -367,9 +394,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-cos", type=float, default=None,
                    help="fidelity-graph: replace only the layers that keep this min cosine (layers 'auto')")
     p.add_argument("--feature-dim", type=int, default=None,
-                   help="fidelity-graph, linear: Hedgehog projections per sign (default: max(head dim, 128))")
+                   help="fidelity-graph, linear / hybrid: Hedgehog projections per sign (default: max(head dim, 128))")
     p.add_argument("--hedgehog-steps", type=int, default=None,
-                   help="fidelity-graph, linear: Hedgehog fit steps (default: --transfer-steps)")
+                   help="fidelity-graph, linear / hybrid: Hedgehog fit steps (default: --transfer-steps)")
     p.add_argument("--dry-run", action="store_true", help="gpu mode on CPU tensors (Triton interpreter)")
     p.add_argument("--out", default=str(RESULTS_DIR))
     args = p.parse_args(argv)

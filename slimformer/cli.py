@@ -72,16 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-layers", metavar="N|I,J", help="drop N layers by importance, or the given indices")
     s.add_argument("--recover-steps", type=int, metavar="N", help="distillation steps after pruning (default 0)")
     a = c.add_argument_group("attention replacement")
-    a.add_argument("--attention", choices=["linear", "local"], help="replace softmax attention")
-    a.add_argument("--attention-window", type=int, metavar="W", help="local attention window (tokens)")
-    a.add_argument("--global-tokens", type=int, metavar="G", help="global tokens for local attention")
+    a.add_argument("--attention", choices=["linear", "local", "hybrid"],
+                   help="replace softmax attention: linear (O(T)), local (sliding window + global tokens), "
+                        "hybrid (local's window in softmax, the other keys through linear attention)")
+    a.add_argument("--attention-window", type=int, metavar="W", help="local / hybrid attention window (tokens)")
+    a.add_argument("--global-tokens", type=int, metavar="G", help="global tokens for local / hybrid attention")
     a.add_argument("--attention-layers", metavar="SPEC",
                    help="layers to replace: indices '2,3,4,5', a range '2-5', or 'auto': as many as "
                         "keep the min cosine >= --attention-min-cos (default: all)")
     a.add_argument("--attention-min-cos", type=float, metavar="COS",
                    help="with --attention-layers auto: the floor (default 0.98)")
     a.add_argument("--attention-features", type=int, metavar="F", dest="attention_feature_dim",
-                   help="linear: learned feature-map size per sign (default: max(head dim, 128)); "
+                   help="linear, hybrid: learned feature-map size per sign (default: max(head dim, 128)); "
                         "larger fits softmax better, linear attention costs grow with F")
     c.set_defaults(func=cmd_convert)
 

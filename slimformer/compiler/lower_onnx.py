@@ -248,6 +248,9 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
         elif node.target == torch.ops.slimformer.block_sparse_attention.default:
             # blocked matmuls over padded windows plus the global rows
             replace_node(gm, node, naive_attention.block_sparse_attention_blocked, node.args)
+        elif node.target == torch.ops.slimformer.hybrid_attention.default:
+            # the blocked window part, unnormalised, plus the per-block linear states of the rest
+            replace_node(gm, node, naive_attention.hybrid_attention_blocked, node.args)
         elif node.target == aten.scaled_dot_product_attention.default:
             replace_node(gm, node, explicit_attention, node.args, node.kwargs)
         elif node.target == aten.layer_norm.default:

@@ -1,4 +1,5 @@
-"""`slimformer::linear_attention` and `slimformer::block_sparse_attention`: the custom ops the
+"""`slimformer::linear_attention`, `slimformer::block_sparse_attention` and
+`slimformer::hybrid_attention` (the two combined): the custom ops the
 attention-replacement pass puts in the graph (registered on import of `slimformer.kernels.ops`).
 
 Each has a fake kernel (for torch.export), runs its Triton kernel where `use_triton` says so,
@@ -86,3 +87,42 @@ def _local_backward(ctx, grad):
 
 
 block_sparse_attention.register_autograd(_local_backward, setup_context=_local_setup)
+
+
+@torch.library.custom_op("slimformer::hybrid_attention", mutates_args=())
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor,
+                     key_mask: torch.Tensor | None, window: int, global_tokens: int, causal: bool,
+                     scale: float, eps: float) -> torch.Tensor:
+    """Block-sparse softmax attention over the local pattern plus linear attention over every
+    other key, one normalisation (naive_attention.hybrid_attention_ref). fq, fk (B, H, T, F):
+    non-negative features of q and k."""
+    if use_triton(q):
+        from slimformer.kernels import block_sparse_attention as kernel
+
+        check_mode(kernel.INTERPRET, q)
+        far = ref.hybrid_far_field(fq, fk, v, key_mask, window, global_tokens, causal)  # O(T F D) matmuls
+        return kernel.block_sparse_attention(q, k, v, key_mask, window, global_tokens, causal, scale, far, eps)
+    return ref.hybrid_attention_blocked(q, k, v, fq, fk, key_mask, window, global_tokens, causal, scale, eps)
+
+
+@hybrid_attention.register_fake
+def _(q, k, v, fq, fk, key_mask, window, global_tokens, causal, scale, eps):
+    return v.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _hybrid_setup(ctx, inputs, output):
+    q, k, v, fq, fk, key_mask, *args = inputs
+    ctx.save_for_backward(q, k, v, fq, fk, key_mask)
+    ctx.args = tuple(args)
+
+
+def _hybrid_backward(ctx, grad):
+    q, k, v, fq, fk, key_mask = ctx.saved_tensors
+    fn = lambda *t: ref.hybrid_attention_blocked(*t, key_mask, *ctx.args)  # noqa: E731
+    with torch.enable_grad():
+        _, vjp = torch.func.vjp(fn, q, k, v, fq, fk)
+        grads = vjp(grad)
+    return (*grads, None, None, None, None, None, None)
+
+
+hybrid_attention.register_autograd(_hybrid_backward, setup_context=_hybrid_setup)

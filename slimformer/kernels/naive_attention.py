@@ -99,21 +99,25 @@ def block_sparse_attention_ref(q, k, v, key_mask, window: int, global_tokens: in
     return (torch.softmax(scores, dim=-1) @ v.float()).to(v.dtype)
 
 
-def _bias(allowed: torch.Tensor) -> torch.Tensor:
-    """0 where allowed, a large negative number elsewhere (fp32)."""
-    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)
-
-
 def block_sparse_attention_blocked(q, k, v, key_mask, window: int, global_tokens: int, causal: bool,
                                    scale: float | None = None):
     """Padded windows: the sequence is cut into N blocks of W; block b's queries score, in one
     matmul and one softmax, the G global keys and the 3W keys of blocks b-1..b+1 (causal: 2W,
     b-1 and b); the G global query rows are computed densely (G x T) and written over the
-    first rows. Cost O(T * (G + 3W)), no (T x T) intermediate.
+    first rows. Cost O(T * (G + 3W)), no (T x T) intermediate."""
+    T, D = q.shape[2], v.shape[-1]
+    scores, vw, valid = _window_scores(q, k, v, key_mask, window, global_tokens, causal, scale)
+    B, H, n = scores.shape[:3]
+    out = (torch.softmax(scores, dim=-1) @ vw).reshape(B, H, n * window, D)[:, :, :T]
+    return _global_rows(out, q, k, v, valid, global_tokens, causal, scale).to(v.dtype)
 
-    The padding/duplicate-global mask depends on the key alone, so it rides along as one extra
-    channel: q' = [q * scale, 1], k' = [k, bias] -- the score matmul adds it, and no pass over
-    the (B, H, N, W, G + 3W) scores is spent on masking (an Add there cost ~20% on ORT)."""
+
+def _window_scores(q, k, v, key_mask, window: int, global_tokens: int, causal: bool, scale: float | None):
+    """The scores of every block's queries against its visible keys, masks included:
+    (B, H, N, W, G + nW), with the matching values (B, H, N, G + nW, D) and the key validity
+    (B, T). The padding/duplicate-global mask depends on the key alone, so it rides along as
+    one extra channel: q' = [q * scale, 1], k' = [k, bias] -- the score matmul adds it, and no
+    pass over the scores is spent on masking (an Add there cost ~20% on ORT)."""
     B, H, T, Dq = q.shape
     D = v.shape[-1]
     W, G = window, min(global_tokens, T)  # G > T: every token is global
@@ -146,14 +150,94 @@ def block_sparse_attention_blocked(q, k, v, key_mask, window: int, global_tokens
             kpos = torch.cat([torch.arange(G, device=q.device)[None, :].expand(n, G), kpos], dim=1)
         qpos = torch.arange(n * W, device=q.device).reshape(n, W)
         scores = scores + _bias(kpos[:, None, :] <= qpos[:, :, None])
-    out = (torch.softmax(scores, dim=-1) @ vw).reshape(B, H, n * W, D)[:, :, :T]
-    if global_tokens > 0:  # global query rows attend to every key
-        ok = valid[:, None, None, :]  # (B, 1, 1, T)
-        if causal:
-            ok = ok & (pos[None, :] <= pos[:G, None])
-        sq = qs[:, :, :G] @ kf.transpose(-2, -1) + _bias(ok)  # (B, H, G, T)
-        out = torch.cat([torch.softmax(sq, dim=-1) @ vf, out[:, :, G:]], dim=2)
-    return out.to(v.dtype)
+    return scores, vw, valid
+
+
+def _global_rows(out, q, k, v, valid, global_tokens: int, causal: bool, scale: float | None):
+    """out (B, H, T, D) with its first G rows replaced by dense softmax attention over every
+    (valid; causal: earlier) key: global queries see everything."""
+    if global_tokens <= 0:
+        return out
+    T = q.shape[2]
+    G = min(global_tokens, T)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    pos = torch.arange(T, device=q.device)
+    ok = valid[:, None, None, :]  # (B, 1, 1, T)
+    if causal:
+        ok = ok & (pos[None, :] <= pos[:G, None])
+    sq = (q[:, :, :G].float() * scale) @ k.float().transpose(-2, -1) + _bias(ok)  # (B, H, G, T)
+    return torch.cat([torch.softmax(sq, dim=-1) @ v.float(), out[:, :, G:]], dim=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid attention (LoLCATs, Zhang et al. 2024): the local pattern's keys in exact softmax, every
+# other key through linear attention, in one normalisation:
+#   out_i = (sum_{j near} e^{s_ij - m_i} v_j + sum_{j far} phi(q_i).phi(k_j) v_j)
+#           / (sum_{j near} e^{s_ij - m_i} + sum_{j far} phi(q_i).phi(k_j))
+# m_i the max score over i's near keys, "near" = local_pattern. Local attention drops the far
+# keys' weight; here they keep it, at linear cost. Global query rows have no far keys.
+# ---------------------------------------------------------------------------------------------
+
+
+def hybrid_attention_ref(q, k, v, fq, fk, key_mask, window: int, global_tokens: int, causal: bool,
+                         scale: float | None = None, eps: float = LINEAR_EPS):
+    """q, k (B, H, T, Dq), v (B, H, T, D); fq, fk (B, H, T, F) the non-negative features of q, k
+    (the far keys' weights are fq . fk: any per-head factor belongs in fk)."""
+    B, H, T, Dq = q.shape
+    scale = Dq ** -0.5 if scale is None else scale
+    pattern = local_pattern(T, T, window, global_tokens, causal, q.device)  # (T, T)
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_mask is None else key_mask != 0
+    near = pattern & valid[:, None, None, :]  # (B, 1, T, T)
+    far = ~pattern & valid[:, None, None, :]
+    if causal:
+        far = far & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    s = ((q.float() * scale) @ k.float().transpose(-2, -1)).masked_fill(~near, torch.finfo(torch.float32).min)
+    a = torch.exp(s - s.amax(-1, keepdim=True)) * near + (fq.float() @ fk.float().transpose(-2, -1)) * far
+    return ((a @ v.float()) / (a.sum(-1, keepdim=True) + eps)).to(v.dtype)
+
+
+def hybrid_far_field(fq, fk, v, key_mask, window: int, global_tokens: int, causal: bool):
+    """The far keys' part of hybrid attention: numerator (B, H, T, D) and denominator (B, H, T),
+    from per-block states S_c = sum_{j in block c} phi(k_j) v_j^T (B, H, N, F, D): block b's far
+    state is the total minus blocks b-1..b+1 (causal: the blocks before b-1, an exclusive
+    cumsum). Global keys are always near (their features are zeroed here), global rows get 0.
+    O(T F D), no (T x T) or (T x W) intermediate."""
+    B, H, T, Fd = fq.shape
+    D = v.shape[-1]
+    W, G = window, min(global_tokens, T)
+    pos = torch.arange(T, device=fq.device)
+    valid = torch.ones(B, T, dtype=torch.bool, device=fq.device) if key_mask is None else key_mask != 0
+    keep = (valid & (pos >= G)).to(torch.float32)[:, None, :, None]  # (B, 1, T, 1)
+    n = (T + W - 1) // W
+    pad = n * W - T
+    qb = F.pad(fq.float(), (0, 0, 0, pad)).reshape(B, H, n, W, Fd)
+    kb = F.pad(fk.float() * keep, (0, 0, 0, pad)).reshape(B, H, n, W, Fd)
+    vb = F.pad(v.float(), (0, 0, 0, pad)).reshape(B, H, n, W, D)
+    # states with the normaliser as one more column: [phi(k)^T v | phi(k)^T 1]
+    ones = torch.ones(B, H, n, W, 1, device=fq.device)
+    st = kb.transpose(-2, -1) @ torch.cat([vb, ones], dim=-1)  # (B, H, N, F, D + 1)
+    if causal:
+        far = F.pad(torch.cumsum(st, dim=2), (0, 0, 0, 0, 2, 0))[:, :, :n]  # blocks <= b - 2
+    else:
+        sp = F.pad(st, (0, 0, 0, 0, 1, 1))  # (B, H, N + 2, F, D + 1)
+        far = st.sum(2, keepdim=True) - (sp[:, :, :n] + sp[:, :, 1:n + 1] + sp[:, :, 2:n + 2])
+    nd = (qb @ far).reshape(B, H, n * W, D + 1)[:, :, :T] * (pos >= G).to(torch.float32)[:, None]
+    return nd[..., :D], nd[..., D]
+
+
+def hybrid_attention_blocked(q, k, v, fq, fk, key_mask, window: int, global_tokens: int, causal: bool,
+                             scale: float | None = None, eps: float = LINEAR_EPS):
+    """Sub-quadratic hybrid attention: the window part as block_sparse_attention_blocked with
+    the exponentials left unnormalised, plus hybrid_far_field, then one division."""
+    T, D = q.shape[2], v.shape[-1]
+    scores, vw, valid = _window_scores(q, k, v, key_mask, window, global_tokens, causal, scale)
+    B, H, n = scores.shape[:3]
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))  # (B, H, N, W, G + nW)
+    num = (e @ vw).reshape(B, H, n * window, D)[:, :, :T]
+    den = e.sum(-1).reshape(B, H, n * window)[:, :, :T]
+    far_num, far_den = hybrid_far_field(fq, fk, v, key_mask, window, global_tokens, causal)
+    out = (num + far_num) / (den + far_den + eps).unsqueeze(-1)
+    return _global_rows(out, q, k, v, valid, global_tokens, causal, scale).to(v.dtype)
 
 
 def _bias(allowed: torch.Tensor) -> torch.Tensor:

@@ -1,18 +1,19 @@
 """compile(**options) -> the attention-replacement passes (called by compiler/structure.py).
 
 Options:
-  attention                 "linear" | "local"
-  attention_window          local: block size W in tokens (default 64); T <= W is exact softmax
-  global_tokens             local: the first G tokens attend to / are attended by all (default 1)
+  attention                 "linear" | "local" | "hybrid" (local's pattern in softmax + the other
+                            keys through Hedgehog linear attention)
+  attention_window          local, hybrid: block size W in tokens (default 64); T <= W is exact softmax
+  global_tokens             local, hybrid: the first G tokens attend to / are attended by all (default 1)
   attention_layers          which attention blocks (0-based, call order): "2-5", "2,3,4,5",
                             a list of ints, or an int; default all (e.g. "2-5" keeps 0, 1 in softmax);
                             "auto": the most layers, least sensitive first, that keep the
                             calibration min cosine >= attention_min_cos before recovery
   attention_min_cos         with attention_layers="auto": the floor (default 0.98)
-  attention_feature_map     linear: "hedgehog" (learned, default) | "elu"
-  attention_feature_dim     linear, hedgehog: projections per sign, phi has twice as many
+  attention_feature_map     linear: "hedgehog" (learned, default) | "elu"; hybrid: "hedgehog"
+  attention_feature_dim     linear, hybrid (hedgehog): projections per sign, phi has twice as many
                             features (default: max(head dim, 128)); more fit softmax better, cost O(T F D)
-  attention_hedgehog_steps  linear: per layer, the Hedgehog fit to the softmax weights (default 400)
+  attention_hedgehog_steps  linear, hybrid: per layer, the Hedgehog fit to the softmax weights (default 400)
   attention_transfer_steps  per layer: the q/k/v projections (and Hedgehog maps) fitted to the
                             original attention output (BERT-style layers; default 150)
   attention_recover_steps   end-to-end distillation steps after the rewrite (default 16, lr 2e-5)
@@ -27,7 +28,7 @@ from slimformer.compiler.pass_manager import Pass
 from slimformer.errors import SlimformerError
 from slimformer.passes.feature_maps import FEATURE_MAPS
 
-KINDS = ("linear", "local")
+KINDS = ("linear", "local", "hybrid")
 DEFAULT_WINDOW = 64
 DEFAULT_GLOBAL_TOKENS = 1
 DEFAULT_RECOVER_STEPS = 16  # measured on MiniLM: more, at higher lr, overfits the calibration text
@@ -90,12 +91,15 @@ def attention_passes(options: dict) -> list[Pass]:
     if fmap not in FEATURE_MAPS:
         raise SlimformerError(f"attention_feature_map='{fmap}' is unknown", f"use one of: {', '.join(FEATURE_MAPS)}")
     feature_dim = _int_option(options, "attention_feature_dim", None, 1, "e.g. --attention-features 128")
-    if feature_dim is not None and (kind != "linear" or fmap != "hedgehog"):
-        raise SlimformerError("attention_feature_dim applies to attention='linear' with Hedgehog feature maps only",
-                              "drop --attention-features, or use --attention linear")
+    if kind == "hybrid" and fmap != "hedgehog":
+        raise SlimformerError(f"attention='hybrid' needs Hedgehog feature maps, not '{fmap}'",
+                              "drop attention_feature_map, or use attention='linear' for ELU features")
+    if feature_dim is not None and (kind == "local" or fmap != "hedgehog"):
+        raise SlimformerError("attention_feature_dim applies to attention='linear' or 'hybrid' with Hedgehog "
+                              "feature maps only", "drop --attention-features, or use --attention linear / hybrid")
     if kind == "linear" and (options.get("attention_window") is not None or options.get("global_tokens") is not None):
-        raise SlimformerError("attention_window and global_tokens apply to attention='local' only",
-                              "drop them, or use --attention local")
+        raise SlimformerError("attention_window and global_tokens apply to attention='local' or 'hybrid' only",
+                              "drop them, or use --attention local / hybrid")
     auto = options.get("attention_layers") == "auto"
     min_cos = options.get("attention_min_cos")
     if min_cos is not None and not auto:

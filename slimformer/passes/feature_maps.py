@@ -29,6 +29,12 @@ def hedgehog_features(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1)
 
 
+def scale_heads(phi_k: torch.Tensor, log_gain: torch.Tensor) -> torch.Tensor:
+    """Hybrid attention's far-key weight per head: phi_k (B, H, S, F) * exp(log_gain (H, 1, 1))
+    (a log, so that training cannot make a weight negative)."""
+    return phi_k * torch.exp(log_gain)
+
+
 def mask_keys(phi_k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
     """Zero the features of padding keys: they then add nothing to the sums. key_mask (B, S)."""
     return phi_k * (key_mask != 0).to(phi_k.dtype)[:, None, :, None]
@@ -39,6 +45,13 @@ def mask_keys(phi_k: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
 # on a 2-layer BERT-base-width model at 8192 tokens it costs ~7% of the whole model's time
 # (bench/results/attention_cpu.json).
 MIN_FEATURES = 128
+
+
+LINEAR_LR = 0.02
+# Hybrid attention, fitted on MiniLM (all 6 layers, window 64, F = 64): lr 0.01 gives KL to
+# softmax 0.03-0.07 per layer after 400 steps; the far keys' weight starts at exp(-0.69) = 0.5.
+HYBRID_LR = 0.01
+HYBRID_LOG_GAIN0 = -0.6931
 
 
 def default_feature_dim(head_dim: int) -> int:
@@ -67,29 +80,51 @@ def _linear_weights(phi_q, phi_k, allowed):
     return a / (a.sum(-1, keepdim=True) + 1e-6)
 
 
+def _hybrid_weights(q, k, phi_q, phi_k, near, far, scale):
+    """Hybrid attention's weights (B, H, T, S): softmax-style exponentials on the near keys
+    (relative to their max), phi(q).phi(k) on the far ones, one normalisation."""
+    s = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~near, torch.finfo(q.dtype).min)
+    a = torch.exp(s - s.amax(-1, keepdim=True)) * near + (phi_q @ phi_k.transpose(-2, -1)) * far
+    return a / (a.sum(-1, keepdim=True) + 1e-6)
+
+
 def train_hedgehog(samples: list[tuple], num_heads: int, head_dim: int, scale: float,
-                   steps: int = 150, lr: float = 0.02, seed: int = 0,
-                   feature_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                   steps: int = 150, lr: float | None = None, seed: int = 0,
+                   feature_dim: int | None = None, near: tuple[int, int] | None = None) -> tuple:
     """Fits (W_q, W_k), each (H, D, F), so the linear attention weights match softmax's.
     feature_dim F (default D): phi has 2F features; more fit spikier attention (on MiniLM,
     head dim 32, F = 128 roughly halves the KL to softmax of F = 32) at O(T F D) cost.
+    near = (window, global_tokens): fit hybrid attention instead (the local pattern's keys in
+    softmax, the far keys through phi; naive_attention.hybrid_attention_ref), with a far-key
+    log-weight per head (H, 1, 1) learned alongside (scale_heads).
 
     samples: (q, k, allowed) per calibration batch; q, k (B, H, T, D) as the layer's attention
     saw them (after rotary), allowed (B, 1, T, S) bool (padding and causality).
-    Returns the weights and {"loss_start", "loss_end"} (cross-entropy, nats per query row;
-    "features": phi's size, 2F).
+    Returns W_q, W_k (, the log-weights, with near), and {"loss_start", "loss_end"}
+    (cross-entropy, nats per query row; "features": phi's size, 2F).
     """
+    from slimformer.kernels.naive_attention import local_pattern
+
     torch.manual_seed(seed)
     wq = torch.nn.Parameter(hedgehog_init(num_heads, head_dim, feature_dim))
     wk = torch.nn.Parameter(hedgehog_init(num_heads, head_dim, feature_dim))
-    opt = torch.optim.Adam([wq, wk], lr=lr)
+    gain = torch.nn.Parameter(torch.full((num_heads, 1, 1), HYBRID_LOG_GAIN0))
+    params = [wq, wk] + ([gain] if near else [])
+    opt = torch.optim.Adam(params, lr=lr or (HYBRID_LR if near else LINEAR_LR))
     with torch.no_grad():
         targets = [_attention_targets(q.float(), k.float(), m, scale) for q, k, m in samples]
         rows = [m.any(-1, keepdim=True).expand(-1, num_heads, -1, -1) for _, _, m in samples]
+        pattern = [local_pattern(q.shape[2], k.shape[2], *near, causal=False) & m if near else None
+                   for q, k, m in samples]
 
     def loss_of(i):
         q, k, m = samples[i]
-        pred = _linear_weights(hedgehog_features(q.float(), wq), hedgehog_features(k.float(), wk), m)
+        q, k = q.float(), k.float()
+        phi_q, phi_k = hedgehog_features(q, wq), hedgehog_features(k, wk)
+        if near:
+            pred = _hybrid_weights(q, k, phi_q, scale_heads(phi_k, gain), pattern[i], m & ~pattern[i], scale)
+        else:
+            pred = _linear_weights(phi_q, phi_k, m)
         ce = -(targets[i] * torch.log(pred + 1e-8)).sum(-1, keepdim=True)  # (B, H, T, 1)
         return ce[rows[i]].mean()
 
@@ -103,4 +138,4 @@ def train_hedgehog(samples: list[tuple], num_heads: int, head_dim: int, scale: f
         loss_of(step % len(samples)).backward()
         opt.step()
     info = {"loss_start": round(start, 4), "loss_end": round(mean_loss(), 4), "features": 2 * wq.shape[-1]}
-    return wq.detach(), wk.detach(), info
+    return (*(p.detach() for p in params), info)

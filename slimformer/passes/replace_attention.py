@@ -5,18 +5,19 @@ Softmax attention costs O(T^2) time and memory per head. This pass rewrites each
   - kind="linear": phi(q) (phi(k)^T v) / normaliser, `slimformer::linear_attention`, with a
     Hedgehog feature map trained per layer on calibration activations (or ELU + 1), O(T);
   - kind="local": sliding-window attention in blocks of `window` plus `global_tokens` global
-    tokens, `slimformer::block_sparse_attention`, O(T * window); exact when T <= window.
+    tokens, `slimformer::block_sparse_attention`, O(T * window); exact when T <= window;
+  - kind="hybrid": local's pattern in softmax plus every other key through Hedgehog linear
+    attention, one normalisation (LoLCATs), `slimformer::hybrid_attention`, O(T * window + T F D):
+    the far keys keep their weight, which local attention drops.
 Then it recovers: attention transfer (the Hedgehog fit, per layer), and end-to-end distillation
 of the model's outputs towards the graph before the rewrite (`recover_steps`).
 
 `layers` picks the blocks by index; with `min_cos` set instead, the pass picks them itself: the
 most blocks, least sensitive first, that keep the calibration min cosine >= min_cos (_choose).
 
-What the original mask meant is read from the calibration run, not guessed from the model
-family: each layer's boolean (B, 1, T, S) mask is compared with "padding only" and "causal and
-padding" built from the `attention_mask` input. Layers whose mask is neither (relative-position
-biases as float masks, cross-attention, explicit matmul-softmax forms) are left in softmax and
-named in the summary with the reason.
+Layers whose mask is neither padding nor causal+padding (attention_capture.mask_pattern:
+relative-position biases as float masks, cross-attention, explicit matmul-softmax forms) are
+left in softmax and named in the summary with the reason.
 """
 
 from __future__ import annotations
@@ -27,20 +28,27 @@ import torch
 from torch.fx import GraphModule, Node
 
 from slimformer.compiler import analysis
-from slimformer.compiler.graph_utils import add_constant, capture, set_attr_tensor
+from slimformer.compiler.graph_utils import add_constant, set_attr_tensor
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.kernels import ops  # noqa: F401  (registers torch.ops.slimformer.*)
 from slimformer.kernels.naive_attention import (
     LINEAR_EPS,
     block_sparse_attention_blocked,
+    hybrid_attention_blocked,
     linear_attention_chunked,
 )
 from slimformer.passes import attention_transfer as transfer
 from slimformer.passes import feature_maps as fm
+from slimformer.passes.attention_capture import (
+    KEY_MASK_INPUT,
+    allowed_keys,
+    capture_inputs,
+    mask_arg,
+    mask_pattern,
+)
 from slimformer.passes.attention_distill import distill_outputs
 
 aten = torch.ops.aten
-KEY_MASK_INPUT = "attention_mask"
 
 
 @register_pass
@@ -50,11 +58,11 @@ class ReplaceAttention(Pass):
     requires = ("attention",)
     rebases_reference = True
 
-    kind: str = "linear"  # "linear" | "local"
-    feature_map: str = "hedgehog"  # linear only: "hedgehog" | "elu"
+    kind: str = "linear"  # "linear" | "local" | "hybrid"
+    feature_map: str = "hedgehog"  # linear: "hedgehog" | "elu"; hybrid: "hedgehog"
     feature_dim: int | None = None  # hedgehog: projections per sign (phi has 2x); None: max(head dim, 128)
-    window: int = 64  # local only
-    global_tokens: int = 1  # local only
+    window: int = 64  # local and hybrid
+    global_tokens: int = 1  # local and hybrid
     layers: list[int] | None = None  # indices into the attention blocks in call order; None: all
     min_cos: float | None = None  # set: replace the largest cheapest-first subset of `layers` that
     # keeps the calibration min cosine >= min_cos (before end-to-end recovery); see _choose
@@ -78,13 +86,13 @@ class ReplaceAttention(Pass):
                 skipped[sites[i].path] = reason
             else:
                 todo.append(sites[i])
-        values = _capture_inputs(gm, todo, ctx.calibration, key_mask)
+        values = capture_inputs(gm, todo, ctx.calibration, key_mask)
         details = {"skipped": skipped, "layers": {}}
         shared = _shared_weights(todo)
         plans = {}  # path -> what its rewrite needs, for every site whose mask can be expressed
         for site in todo:
             vals = values[site.node]
-            pattern = _mask_pattern(vals, site.node)
+            pattern = mask_pattern(vals, site.node)
             if pattern is None:
                 skipped[site.path] = "its mask is not padding or causal+padding (e.g. a position bias)"
                 continue
@@ -111,11 +119,11 @@ class ReplaceAttention(Pass):
         analysis.invalidate(gm)
         if self.recover_steps > 0:
             details["recover"] = _distill(gm, ctx, replaced, self.recover_steps, self.recover_lr)
-        if self.kind == "linear":
-            sizes = sorted({layer["features"] for layer in details["layers"].values() if "features" in layer})
-            what = f"linear ({self.feature_map}" + (f", {'/'.join(map(str, sizes))} features)" if sizes else ")")
-        else:
-            what = f"local (window {self.window}, {self.global_tokens} global)"
+        sizes = sorted({layer["features"] for layer in details["layers"].values() if "features" in layer})
+        features = f", {'/'.join(map(str, sizes))} features" if sizes else ""
+        local = f"window {self.window}, {self.global_tokens} global"
+        what = {"linear": f"linear ({self.feature_map}{features})", "local": f"local ({local})",
+                "hybrid": f"hybrid ({local}; far keys linear, hedgehog{features})"}[self.kind]
         summary = f"{len(replaced)} attention block(s) -> {what}"
         if skipped:
             summary += f"; {len(skipped)} kept in softmax: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
@@ -157,10 +165,10 @@ class ReplaceAttention(Pass):
         km = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.target == KEY_MASK_INPUT) \
             if use_key_mask else None  # gm may be a copy: its own input node
         done = trained.get(site.path)
-        if self.kind == "linear":
-            info, maps = self._to_linear(gm, site, vals, causal, km, done and done["maps"])
-        else:
+        if self.kind == "local":
             info, maps = self._to_local(gm, site, causal, km), []
+        else:
+            info, maps = self._to_linear(gm, site, vals, causal, km, done and done["maps"])
         if done is not None:
             for target, tensor in done["new"].items():
                 set_attr_tensor(gm, target, tensor)
@@ -178,31 +186,40 @@ class ReplaceAttention(Pass):
         return {"causal": causal, **info}
 
     def _to_linear(self, gm, site, vals, causal: bool, key_mask: Node | None, maps_done=None) -> tuple[dict, list]:
+        """linear, or hybrid: the feature maps (trained here unless given), then the op."""
         sdpa = site.node
         q, k, v = _qkv(gm, sdpa)
-        info = {}
+        hybrid = self.kind == "hybrid"
+        info, maps = {}, []
         if self.feature_map == "hedgehog":
             if maps_done:  # trained before, on a copy of this graph (see _choose)
-                wq, wk = maps_done
+                fitted = maps_done
             else:
-                samples = [(qq, kk, _allowed(mm, causal, km, qq.shape[2], kk.shape[2]))
+                samples = [(qq, kk, allowed_keys(mm, causal, km, qq.shape[2], kk.shape[2]))
                            for qq, kk, mm, km in zip(vals["q"], vals["k"], vals["mask"], vals["key_mask"])]
-                wq, wk, info = fm.train_hedgehog(samples, site.num_heads, site.head_dim, _scale(sdpa, site.head_dim),
-                                                 self.transfer_steps if self.hedgehog_steps is None
-                                                 else self.hedgehog_steps,
-                                                 feature_dim=self.feature_dim or fm.default_feature_dim(site.head_dim))
-            wq_node = add_constant(gm, f"{site.path}.hedgehog_q", wq, sdpa)
-            wk_node = add_constant(gm, f"{site.path}.hedgehog_k", wk, sdpa)
-            phi_q = _call(gm, fm.hedgehog_features, (q, wq_node), sdpa)
-            phi_k = _call(gm, fm.hedgehog_features, (k, wk_node), sdpa)
-            maps = [wq_node.target, wk_node.target]
+                *fitted, info = fm.train_hedgehog(
+                    samples, site.num_heads, site.head_dim, _scale(sdpa, site.head_dim),
+                    self.transfer_steps if self.hedgehog_steps is None else self.hedgehog_steps,
+                    feature_dim=self.feature_dim or fm.default_feature_dim(site.head_dim),
+                    near=(self.window, self.global_tokens) if hybrid else None)
+            nodes = [add_constant(gm, f"{site.path}.hedgehog_{name}", w, sdpa) for name, w in zip("qkg", fitted)]
+            phi_q = _call(gm, fm.hedgehog_features, (q, nodes[0]), sdpa)
+            phi_k = _call(gm, fm.hedgehog_features, (k, nodes[1]), sdpa)
+            if hybrid:  # the far keys' per-head weight, learned with the maps
+                phi_k = _call(gm, fm.scale_heads, (phi_k, nodes[2]), sdpa)
+            maps = [n.target for n in nodes]
         else:
-            maps = []
             phi_q = _call(gm, fm.elu_features, (q,), sdpa)
             phi_k = _call(gm, fm.elu_features, (k,), sdpa)
-        if key_mask is not None:
-            phi_k = _call(gm, fm.mask_keys, (phi_k, key_mask), sdpa)
-        out = _call(gm, torch.ops.slimformer.linear_attention.default, (phi_q, phi_k, v, causal, LINEAR_EPS), sdpa)
+        if hybrid:
+            args = (q, k, v, phi_q, phi_k, key_mask, self.window, self.global_tokens, causal,
+                    _scale(sdpa, site.head_dim), LINEAR_EPS)
+            out = _call(gm, torch.ops.slimformer.hybrid_attention.default, args, sdpa)
+        else:
+            if key_mask is not None:
+                phi_k = _call(gm, fm.mask_keys, (phi_k, key_mask), sdpa)
+            out = _call(gm, torch.ops.slimformer.linear_attention.default,
+                        (phi_q, phi_k, v, causal, LINEAR_EPS), sdpa)
         sdpa.replace_all_uses_with(out)
         gm.graph.erase_node(sdpa)
         return info, maps
@@ -223,6 +240,11 @@ class ReplaceAttention(Pass):
         if self.kind == "local":
             def attend(q, k, v, i):
                 return block_sparse_attention_blocked(q, k, v, masks[i], self.window, self.global_tokens, causal, scale)
+        elif self.kind == "hybrid":
+            def attend(q, k, v, i, wq, wk, gain):
+                phi_q, phi_k = fm.hedgehog_features(q, wq), fm.scale_heads(fm.hedgehog_features(k, wk), gain)
+                return hybrid_attention_blocked(q, k, v, phi_q, phi_k, masks[i], self.window, self.global_tokens,
+                                                causal, scale, LINEAR_EPS)
         else:
             def attend(q, k, v, i, *w):
                 phi_q, phi_k = (fm.hedgehog_features(q, w[0]), fm.hedgehog_features(k, w[1])) if w else \
@@ -292,14 +314,10 @@ def _unsupported(site: analysis.AttentionSite) -> str | None:
     q, k = site.node.args[:2]
     if q.meta["val"].shape[2] is not k.meta["val"].shape[2] and q.meta["val"].shape[2] != k.meta["val"].shape[2]:
         return "cross-attention (queries and keys from different sequences)"
-    mask = _mask_arg(site.node)
+    mask = mask_arg(site.node)
     if isinstance(mask, Node) and mask.meta["val"].dtype != torch.bool:
         return "additive float mask (a position bias the replacement would drop)"
     return None
-
-
-def _mask_arg(sdpa: Node):
-    return sdpa.args[3] if len(sdpa.args) > 3 else sdpa.kwargs.get("attn_mask")
 
 
 def _scale(sdpa: Node, head_dim: int) -> float:
@@ -332,64 +350,6 @@ def _call(gm: GraphModule, fn, args: tuple, before: Node, kwargs: dict | None = 
         with fake:
             node.meta["val"] = fn(*vals, **(kwargs or {}))
     return node
-
-
-def _capture_inputs(gm, sites, batches, key_mask: Node | None) -> dict:
-    """Per SDPA node: q, k, mask (or None) per calibration batch, and the key mask input."""
-    watch, role = [], {}
-    for s in sites:
-        q, k, v = s.node.args[:3]
-        mask = _mask_arg(s.node)
-        lins = transfer.projections(s)
-        x = lins[0].x if lins else None
-        for name, n in (("q", q), ("k", k), ("v", v), ("mask", mask), ("x", x), ("out", s.node)):
-            if isinstance(n, Node):
-                watch.append(n)
-                role.setdefault(n, []).append((s.node, name))
-    values = {s.node: {name: [None] * len(batches) for name in ("q", "k", "v", "mask", "x", "out")}
-              for s in sites}
-
-    def on_value(node, t, b):
-        for sdpa, name in role[node]:
-            values[sdpa][name][b] = t.detach().clone()
-
-    if sites:
-        capture(gm, list(dict.fromkeys(watch)), batches, on_value)
-    for s in sites:
-        values[s.node]["key_mask"] = [b.get(KEY_MASK_INPUT) if key_mask is not None else None for b in batches]
-    return values
-
-
-def _allowed(mask, causal: bool, key_mask, T: int, S: int) -> torch.Tensor:
-    """(B, 1, T, S) bool: what the replacement lets each query see."""
-    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else torch.ones(T, S, dtype=torch.bool)
-    allowed = allowed[None, None]
-    if key_mask is not None:
-        allowed = allowed & (key_mask != 0)[:, None, None, :]
-    return allowed
-
-
-def _mask_pattern(vals: dict, sdpa: Node) -> tuple[bool, bool] | None:
-    """(causal, uses the attention_mask input) if the original masks match one of the
-    patterns the replacement can express on every calibration batch (on real query rows)."""
-    is_causal = bool(sdpa.kwargs.get("is_causal", False))
-    if vals["mask"][0] is None:
-        return is_causal, False
-    for causal in ((True,) if is_causal else (False, True)):
-        for use_km in (True, False):
-            if all(_matches(m, q, k, km, causal, use_km)
-                   for m, q, k, km in zip(vals["mask"], vals["q"], vals["k"], vals["key_mask"])):
-                return causal, use_km
-    return None
-
-
-def _matches(mask, q, k, key_mask, causal: bool, use_km: bool) -> bool:
-    if use_km and key_mask is None:
-        return False
-    T, S = q.shape[2], k.shape[2]
-    expect = _allowed(mask, causal, key_mask if use_km else None, T, S)
-    rows = (key_mask != 0)[:, None, :, None] if key_mask is not None else torch.ones(1, 1, T, 1, dtype=torch.bool)
-    return bool(((mask.bool() == expect) | ~rows).all())
 
 
 def _attention_params(gm: GraphModule, paths: list[str]) -> list[str]:

@@ -52,6 +52,7 @@ def test_bad_attention_flags_fail_cleanly(tiny_model_dir, calib_file, tmp_path, 
                           (["--attention", "linear", "--attention-layers", "3-1"], "attention_layers"),
                           (["--attention", "local", "--attention-min-cos", "0.9"], "attention_layers='auto'"),
                           (["--attention", "local", "--attention-features", "64"], "attention_feature_dim"),
+                          (["--attention", "hybrid", "--attention-window", "0"], "attention_window"),
                           (["--attention", "local", "--attention-layers", "auto", "--attention-min-cos", "2"],
                            "attention_min_cos")):
         out = tmp_path / "never"

@@ -1,4 +1,5 @@
-"""slimformer::linear_attention and slimformer::block_sparse_attention: the sub-quadratic
+"""slimformer::linear_attention, slimformer::block_sparse_attention and
+slimformer::hybrid_attention (the two combined): the sub-quadratic
 plain-PyTorch spellings (what the CPU lowering exports) and the Triton kernels (under
 TRITON_INTERPRET=1) against the quadratic references, on odd lengths, with padding."""
 
@@ -69,6 +70,36 @@ def test_local_is_exact_softmax_when_the_sequence_fits_the_window(causal):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_hybrid_blocked_matches_reference(T, causal):
+    q, k, v = _qkv(T, seed=T + 1)
+    phi_q, phi_k = _features(q, k)
+    mask = _padding_mask(T)
+    for window, glob in ((16, 0), (16, 1), (7, 5), (512, 2)):
+        want = ref.hybrid_attention_ref(q, k, v, phi_q, phi_k, mask, window, glob, causal)
+        got = ref.hybrid_attention_blocked(q, k, v, phi_q, phi_k, mask, window, glob, causal)
+        torch.testing.assert_close(_real_rows(got, mask), _real_rows(want, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_hybrid_sits_between_local_and_softmax():
+    """Zero far-key features: exactly local attention. Far-key features whose products equal
+    the softmax exponentials relative to each row's window max: exactly softmax over every key
+    (with q = 1 and scale 1, s_ij = k_j: phi(q_i) = exp(-m_i), phi(k_j) = exp(k_j), F = 1)."""
+    _, k, v = _qkv(70, dq=1, seed=7)
+    q = torch.ones_like(k)
+    mask = _padding_mask(70)
+    phi_q, phi_k = _features(q, k)
+    local = ref.block_sparse_attention_ref(q, k, v, mask, 8, 1, False, scale=1.0)
+    got = ref.hybrid_attention_blocked(q, k, v, phi_q, phi_k * 0, mask, 8, 1, False, scale=1.0)
+    torch.testing.assert_close(_real_rows(got, mask), _real_rows(local, mask), atol=1e-5, rtol=1e-5)
+    near = ref.local_pattern(70, 70, 8, 1, False) & (mask != 0)[:, None, None, :]  # (B, 1, T, T)
+    m = k.transpose(-2, -1).expand(-1, -1, 70, -1).masked_fill(~near, -1e30).amax(-1, keepdim=True)  # (B, H, T, 1)
+    softmax = ref.block_sparse_attention_ref(q, k, v, mask, 1 << 20, 0, False, scale=1.0)  # one block: all keys
+    got = ref.hybrid_attention_blocked(q, k, v, torch.exp(-m), torch.exp(k), mask, 8, 1, False, scale=1.0)
+    torch.testing.assert_close(_real_rows(got, mask), _real_rows(softmax, mask), atol=1e-5, rtol=1e-4)
+
+
 def test_local_pattern_global_rows_and_columns():
     allowed = ref.local_pattern(20, 20, window=4, global_tokens=1, causal=False)
     assert allowed[0].all() and allowed[:, 0].all()  # the global token sees and is seen by all
@@ -116,6 +147,23 @@ def test_block_sparse_triton_matches_reference(T, causal):
     for window, glob in ((16, 1), (40, 3)):
         got = block_sparse_attention(q, k, v, mask, window, glob, causal, 16 ** -0.5)
         want = ref.block_sparse_attention_ref(q, k, v, mask, window, glob, causal)
+        torch.testing.assert_close(_real_rows(got, mask), _real_rows(want, mask), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("T", LENGTHS)
+def test_hybrid_triton_matches_reference(T, causal):
+    """The block-sparse kernel with the far keys' sums (hybrid_far_field) joining its
+    online softmax before the normalisation."""
+    from slimformer.kernels.block_sparse_attention import block_sparse_attention
+
+    q, k, v = _qkv(T, seed=T + 2)
+    phi_q, phi_k = _features(q, k)
+    mask = _padding_mask(T)
+    for window, glob in ((16, 1), (40, 3)):
+        far = ref.hybrid_far_field(phi_q, phi_k, v, mask, window, glob, causal)
+        got = block_sparse_attention(q, k, v, mask, window, glob, causal, 0.25, far, 1e-6)
+        want = ref.hybrid_attention_ref(q, k, v, phi_q, phi_k, mask, window, glob, causal, 0.25)
         torch.testing.assert_close(_real_rows(got, mask), _real_rows(want, mask), atol=1e-5, rtol=1e-4)
 
 
@@ -170,3 +218,26 @@ def test_ops_dispatch_fake_and_autograd(monkeypatch):
     ref.linear_attention_ref(gq, gk, v, True).sum().backward()
     torch.testing.assert_close(fq.grad, gq.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fk.grad, gk.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_hybrid_op_dispatch_and_autograd(monkeypatch):
+    """Triton (interpreter) and the reference agree through the op; gradients (q, k, v and
+    both feature maps: recovery trains the Hedgehog maps through them) match the quadratic
+    definition's."""
+    q, k, v = _qkv(45, seed=11)
+    phi_q, phi_k = _features(q, k)
+    mask = _padding_mask(45)
+    outs = {}
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("SLIMFORMER_KERNELS", mode)
+        outs[mode] = torch.ops.slimformer.hybrid_attention(q, k, v, phi_q, phi_k, mask, 8, 1, True, 0.25, 1e-6)
+    torch.testing.assert_close(_real_rows(outs["triton"], mask), _real_rows(outs["reference"], mask),
+                               atol=1e-5, rtol=1e-4)
+    monkeypatch.setenv("SLIMFORMER_KERNELS", "reference")
+    a = [x.clone().requires_grad_(True) for x in (q, k, v, phi_q, phi_k)]
+    b = [x.clone().requires_grad_(True) for x in (q, k, v, phi_q, phi_k)]
+    w = mask[:, None, :, None]  # real query rows only
+    (torch.ops.slimformer.hybrid_attention(*a, mask, 8, 1, False, 0.25, 1e-6) * w).square().sum().backward()
+    (ref.hybrid_attention_ref(*b, mask, 8, 1, False, 0.25) * w).square().sum().backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, atol=1e-4, rtol=1e-4)

@@ -39,3 +39,21 @@ def test_more_features_fit_spiky_attention_better():
     _, _, large = fm.train_hedgehog(samples, 2, 8, 8 ** -0.5, steps=60, feature_dim=32)
     assert small["loss_end"] < small["loss_start"]
     assert large["loss_end"] < small["loss_end"] - 0.05, (small, large)
+
+
+def test_hybrid_fit_learns_the_far_keys_weight():
+    """near=(window, G): the fit targets hybrid attention (softmax on the local pattern, phi on
+    the rest) and learns a far-key log-weight per head; it ends well below local attention's
+    loss (the far keys' weight dropped), which is what the hybrid recovers."""
+    from slimformer.kernels.naive_attention import local_pattern
+
+    samples = _spiky_samples()
+    wq, wk, gain, info = fm.train_hedgehog(samples, 2, 8, 8 ** -0.5, steps=60, feature_dim=8, near=(4, 1))
+    assert gain.shape == (2, 1, 1) and not torch.equal(gain, torch.full_like(gain, fm.HYBRID_LOG_GAIN0))
+    assert info["loss_end"] < info["loss_start"]
+    q, k, allowed = samples[0]
+    near = local_pattern(q.shape[2], k.shape[2], 4, 1, causal=False)
+    target = torch.softmax((q @ k.transpose(-2, -1)) * 8 ** -0.5, -1)
+    local = torch.softmax(((q @ k.transpose(-2, -1)) * 8 ** -0.5).masked_fill(~near, -1e30), -1)
+    local_ce = float(-(target * torch.log(local + 1e-8)).sum(-1).mean())
+    assert info["loss_end"] < local_ce - 0.5, (info, local_ce)

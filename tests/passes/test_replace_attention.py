@@ -1,6 +1,6 @@
 """replace_attention on the tiny model families: what is replaced, what is skipped and why,
-exactness of local attention within one window, causality read from the masks, layer
-selection, option validation, and the cpu-fp32 ONNX lowering of both kinds."""
+exactness of local attention within one window, hybrid against local, causality read from the
+masks, layer selection, option validation, and the cpu-fp32 ONNX lowering of every kind."""
 
 from __future__ import annotations
 
@@ -52,6 +52,23 @@ def test_linear_attention_with_hedgehog_and_recovery(name):
     assert layer["loss_end"] <= layer["loss_start"] + 1e-6  # Hedgehog's fit did not get worse
     rec = record.details["recover"]
     assert rec["steps"] == 6 and rec["loss_end"] >= 0
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_hybrid_attention_beats_local_at_the_same_window(name):
+    """hybrid = local's pattern + the far keys through Hedgehog linear attention: with the same
+    window (4 tokens, 16-token inputs: most keys are far) it keeps more of the model than local."""
+    common = dict(window=4, global_tokens=1, transfer_steps=10, transfer_lr=1e-3, feature_dim=16)
+    gm, hybrid = _run(name, kind="hybrid", hedgehog_steps=30, **common)
+    _, local = _run(name, kind="local", **common)
+    assert _sdpa_count(gm) == 0 and _ops(gm) == ["hybrid_attention"] * 2
+    assert 1 - hybrid.fidelity["cos_min"] < 0.8 * (1 - local.fidelity["cos_min"]), (hybrid.fidelity, local.fidelity)
+    layer = next(iter(hybrid.details["layers"].values()))
+    assert layer["causal"] == FAMILIES[name].decoder and layer["features"] == 32
+    assert layer["loss_end"] < layer["loss_start"]
+    assert "hybrid (window 4, 1 global" in hybrid.summary
+    gains = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("hedgehog_g")]
+    assert len(gains) == 2  # the learned far-key weights live in the graph
 
 
 def test_short_window_with_global_token_transfer_and_recovery():
@@ -123,7 +140,9 @@ def test_parse_layers():
     ({"attention": "local", "attention_layers": "2-x"}, "attention_layers"),
     ({"attention": "local", "attention_layers": "5-2"}, "empty"),
     ({"attention": "linear", "attention_layers": [-1]}, "attention_layers"),
-    ({"attention": "linear", "attention_window": 64}, "'local' only"),
+    ({"attention": "linear", "attention_window": 64}, "'hybrid' only"),
+    ({"attention": "hybrid", "attention_feature_map": "elu"}, "needs Hedgehog"),
+    ({"attention": "hybrid", "attention_feature_dim": 0}, "attention_feature_dim"),
     ({"attention": "linear", "attention_feature_map": "relu"}, "hedgehog"),
     ({"attention": "local", "attention_feature_dim": 64}, "attention='linear'"),
     ({"attention": "linear", "attention_feature_map": "elu", "attention_feature_dim": 64}, "Hedgehog"),
@@ -137,7 +156,7 @@ def test_bad_options_fail_early_with_a_hint(options, needle):
     assert needle in str(e.value) and e.value.hint
 
 
-@pytest.mark.parametrize("name, kind", [("gpt2", "linear")])  # local: tests/cli/test_attention_cli.py
+@pytest.mark.parametrize("name, kind", [("gpt2", "linear"), ("bert", "hybrid")])  # local: tests/cli
 def test_cpu_fp32_lowering_runs_longer_padded_inputs(name, kind):
     """ONNX Runtime runs the lowered ops (ONNX export costs ~20 s each: one kind here, the other
     in the CLI test) at a length other than the traced one, with padding; linear with more
@@ -146,14 +165,14 @@ def test_cpu_fp32_lowering_runs_longer_padded_inputs(name, kind):
 
     model = FAMILIES[name].build()
     opts = {"attention": kind, "attention_recover_steps": 0}
-    if kind == "local":
+    if kind != "linear":
         opts.update(attention_window=4, global_tokens=1)
-    else:
+    if kind != "local":
         opts.update(attention_transfer_steps=5, attention_feature_dim=24)
     compiled = slimformer.compile(model, "cpu-fp32", inputs(model), calibration(model, n=1), **opts)
     assert compiled.report.passes[0].name == "replace_attention"
     assert compiled.report.final_fidelity["cos_min"] > 0.9
-    if kind == "linear":
+    if kind != "local":
         layers = compiled.report.passes[0].details["layers"].values()
         assert layers and all(layer["features"] == 48 for layer in layers)
     x = inputs(model, batch=2, seq=41, seed=5)
