@@ -267,7 +267,7 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
     from slimformer.compiler.numerics import compare, run_batches
     from slimformer.compiler.pass_manager import CompileContext, PassManager
     from slimformer.compiler.report import Report
-    from slimformer.passes.replace_attention import ReplaceAttention, _distill
+    from slimformer.passes.replace_attention import ReplaceAttention, _distill_or_revert
 
     torch.set_num_threads(1)
     tok = tf.AutoTokenizer.from_pretrained(minilm_dir())
@@ -300,7 +300,7 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
         result["auto"] = ctx.report.passes[-1].details["auto"]
     if recover_steps:
         ctx.reference = ctx.original_reference  # the pass manager rebased it to the rewritten graph
-        result["recover"] = _distill(gm, ctx, list(result["layers"]), recover_steps, recover_lr)
+        result["recover"] = _distill_or_revert(gm, ctx, list(result["layers"]), recover_steps, recover_lr)
         result["after_recover"] = held_out()
     print(kind, json.dumps(result), flush=True)
     return result

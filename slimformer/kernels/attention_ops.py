@@ -94,14 +94,16 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fq: torc
                      key_mask: torch.Tensor | None, window: int, global_tokens: int, causal: bool,
                      scale: float, eps: float) -> torch.Tensor:
     """Block-sparse softmax attention over the local pattern plus linear attention over every
-    other key, one normalisation (naive_attention.hybrid_attention_ref). fq, fk (B, H, T, F):
-    non-negative features of q and k."""
+    other key (naive_attention.hybrid_attention_ref). fq, fk (B, H, T, F): non-negative
+    features of q and k. On the GPU: the block-sparse kernel, the far keys' per-block states
+    as batched matmuls (hybrid_far_field), one elementwise combination."""
     if use_triton(q):
         from slimformer.kernels import block_sparse_attention as kernel
 
         check_mode(kernel.INTERPRET, q)
-        far = ref.hybrid_far_field(fq, fk, v, key_mask, window, global_tokens, causal)  # O(T F D) matmuls
-        return kernel.block_sparse_attention(q, k, v, key_mask, window, global_tokens, causal, scale, far, eps)
+        local = kernel.block_sparse_attention(q, k, v, key_mask, window, global_tokens, causal, scale)
+        far_num, far_den = ref.hybrid_far_field(fq, fk, v, key_mask, window, global_tokens, causal)
+        return ref.hybrid_combine(local, far_num, far_den, eps)
     return ref.hybrid_attention_blocked(q, k, v, fq, fk, key_mask, window, global_tokens, causal, scale, eps)
 
 

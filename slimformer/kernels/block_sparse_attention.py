@@ -33,9 +33,8 @@ MASKED = -1.0e30
 @triton.jit
 def _block_sparse_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, m_ptr,  # q, k (BH, T, Dq); v, o (BH, T, D); m (B, T) int32
-    fn_ptr, fd_ptr,  # HAS_FAR: the far keys' numerator (BH, T, D) and denominator (BH, T), fp32
-    H, T, Dq, D, W, G, scale, eps,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_FAR: tl.constexpr,
+    H, T, Dq, D, W, G, scale,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQ: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -87,25 +86,18 @@ def _block_sparse_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-    if HAS_FAR:  # hybrid: the far keys join the unnormalised sums (global rows: zeros)
-        acc += tl.load(fn_ptr + bh * T * D + rows[:, None] * D + dv[None, :],
-                       mask=row_ok[:, None] & (dv[None, :] < D), other=0.0)
-        l_i += tl.load(fd_ptr + bh * T + rows, mask=row_ok, other=0.0) + eps
     out = acc / tl.maximum(l_i, 1e-30)[:, None]
     tl.store(o_ptr + bh * T * D + rows[:, None] * D + dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (dv[None, :] < D))
 
 
 def block_sparse_attention(q, k, v, key_mask, window: int, global_tokens: int, causal: bool,
-                           scale: float, far: tuple | None = None, eps: float = 0.0) -> torch.Tensor:
-    """q, k (B, H, T, Dq), v (B, H, T, D), key_mask (B, T) or None -> (B, H, T, D).
-    far: hybrid attention's (numerator (B, H, T, D), denominator (B, H, T)) of the keys outside
-    the pattern (naive_attention.hybrid_far_field), added before the normalisation, with eps."""
+                           scale: float) -> torch.Tensor:
+    """q, k (B, H, T, Dq), v (B, H, T, D), key_mask (B, T) or None -> (B, H, T, D)."""
     B, H, T, Dq = q.shape
     D = v.shape[-1]
     if INTERPRET and v.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot returns garbage
-        out = block_sparse_attention(q.float(), k.float(), v.float(), key_mask, window, global_tokens, causal,
-                                     scale, far, eps)
+        out = block_sparse_attention(q.float(), k.float(), v.float(), key_mask, window, global_tokens, causal, scale)
         return out.to(v.dtype)
     q3, k3, v3 = (x.reshape(B * H, T, x.shape[-1]).contiguous() for x in (q, k, v))
     out = torch.empty((B * H, T, D), dtype=v.dtype, device=v.device)
@@ -114,11 +106,9 @@ def block_sparse_attention(q, k, v, key_mask, window: int, global_tokens: int, c
     mask = (key_mask != 0).to(torch.int32).contiguous() if key_mask is not None else q3  # q3: unused
     block_m = 64 if not INTERPRET else max(16, min(64, next_pow2(T)))
     grid = (B * H, triton.cdiv(T, block_m))
-    fn, fd = (far[0].float().reshape(B * H, T, D).contiguous(), far[1].float().reshape(B * H, T).contiguous()) \
-        if far is not None else (q3, q3)  # q3: unused
     _block_sparse_kernel[grid](
-        q3, k3, v3, out, mask, fn, fd, H, T, Dq, D, window, global_tokens, scale, eps,
-        HAS_MASK=key_mask is not None, CAUSAL=causal, HAS_FAR=far is not None, BLOCK_M=block_m, BLOCK_N=block_m,
+        q3, k3, v3, out, mask, H, T, Dq, D, window, global_tokens, scale,
+        HAS_MASK=key_mask is not None, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_m,
         BLOCK_DQ=max(16, next_pow2(Dq)), BLOCK_D=max(16, next_pow2(D)), num_warps=4)
     return out.reshape(B, H, T, D)
 

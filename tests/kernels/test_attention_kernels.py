@@ -84,8 +84,8 @@ def test_hybrid_blocked_matches_reference(T, causal):
 
 def test_hybrid_sits_between_local_and_softmax():
     """Zero far-key features: exactly local attention. Far-key features whose products equal
-    the softmax exponentials relative to each row's window max: exactly softmax over every key
-    (with q = 1 and scale 1, s_ij = k_j: phi(q_i) = exp(-m_i), phi(k_j) = exp(k_j), F = 1)."""
+    the softmax exponentials over each row's near-key sum: exactly softmax over every key
+    (with q = 1 and scale 1, s_ij = k_j: phi(q_i) = exp(-logsumexp_near k), phi(k_j) = exp(k_j))."""
     _, k, v = _qkv(70, dq=1, seed=7)
     q = torch.ones_like(k)
     mask = _padding_mask(70)
@@ -94,7 +94,7 @@ def test_hybrid_sits_between_local_and_softmax():
     got = ref.hybrid_attention_blocked(q, k, v, phi_q, phi_k * 0, mask, 8, 1, False, scale=1.0)
     torch.testing.assert_close(_real_rows(got, mask), _real_rows(local, mask), atol=1e-5, rtol=1e-5)
     near = ref.local_pattern(70, 70, 8, 1, False) & (mask != 0)[:, None, None, :]  # (B, 1, T, T)
-    m = k.transpose(-2, -1).expand(-1, -1, 70, -1).masked_fill(~near, -1e30).amax(-1, keepdim=True)  # (B, H, T, 1)
+    m = k.transpose(-2, -1).expand(-1, -1, 70, -1).masked_fill(~near, -1e30).logsumexp(-1, keepdim=True)  # (B,H,T,1)
     softmax = ref.block_sparse_attention_ref(q, k, v, mask, 1 << 20, 0, False, scale=1.0)  # one block: all keys
     got = ref.hybrid_attention_blocked(q, k, v, torch.exp(-m), torch.exp(k), mask, 8, 1, False, scale=1.0)
     torch.testing.assert_close(_real_rows(got, mask), _real_rows(softmax, mask), atol=1e-5, rtol=1e-4)
@@ -152,17 +152,15 @@ def test_block_sparse_triton_matches_reference(T, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("T", LENGTHS)
-def test_hybrid_triton_matches_reference(T, causal):
-    """The block-sparse kernel with the far keys' sums (hybrid_far_field) joining its
-    online softmax before the normalisation."""
-    from slimformer.kernels.block_sparse_attention import block_sparse_attention
-
+def test_hybrid_triton_matches_reference(T, causal, monkeypatch):
+    """The op on the Triton path: the block-sparse kernel for the near keys, the far keys'
+    per-block states, combined."""
+    monkeypatch.setenv("SLIMFORMER_KERNELS", "triton")
     q, k, v = _qkv(T, seed=T + 2)
     phi_q, phi_k = _features(q, k)
     mask = _padding_mask(T)
     for window, glob in ((16, 1), (40, 3)):
-        far = ref.hybrid_far_field(phi_q, phi_k, v, mask, window, glob, causal)
-        got = block_sparse_attention(q, k, v, mask, window, glob, causal, 0.25, far, 1e-6)
+        got = torch.ops.slimformer.hybrid_attention(q, k, v, phi_q, phi_k, mask, window, glob, causal, 0.25, 1e-6)
         want = ref.hybrid_attention_ref(q, k, v, phi_q, phi_k, mask, window, glob, causal, 0.25)
         torch.testing.assert_close(_real_rows(got, mask), _real_rows(want, mask), atol=1e-5, rtol=1e-4)
 

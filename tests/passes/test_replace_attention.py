@@ -84,6 +84,17 @@ def test_short_window_with_global_token_transfer_and_recovery():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_distillation_that_hurts_is_undone():
+    """recover_steps with an absurd learning rate wrecks the model: the pass puts the
+    transferred weights back, and says so."""
+    common = dict(kind="local", window=4, global_tokens=1, transfer_steps=0)
+    _, plain = _run("bert", **common)
+    _, wrecked = _run("bert", recover_steps=3, recover_lr=1.0, **common)
+    rec = wrecked.details["recover"]
+    assert "reverted" in rec and rec["calibration_cos_min"][1] < rec["calibration_cos_min"][0]
+    assert wrecked.fidelity["cos_min"] == pytest.approx(plain.fidelity["cos_min"], abs=1e-6)
+
+
 def test_layer_selection_keeps_the_rest_in_softmax():
     gm, record = _run("bert", kind="local", window=4, layers=[1, 7], transfer_steps=0)
     assert _sdpa_count(gm) == 1 and _ops(gm) == ["block_sparse_attention"]
