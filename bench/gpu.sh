@@ -43,7 +43,7 @@ echo "== kernel benchmark (bench/kernels.py)"
 timeout --kill-after=15 "$(( $(left) < 300 ? $(left) : 300 ))" \
     "$PY" bench/kernels.py --out "$RESULTS" 2>&1 | tee "$RESULTS/kernels_gpu.log" || status=$?
 
-echo "== attention benchmark (bench/attention.py gpu: Triton linear / block-sparse vs SDPA)"
+echo "== attention benchmark (bench/attention.py gpu: Triton linear / block-sparse / hybrid vs SDPA)"
 timeout --kill-after=15 "$(( $(left) < 90 ? $(left) : 90 ))" \
     "$PY" bench/attention.py gpu --out "$RESULTS" 2>&1 | tee "$RESULTS/attention_gpu.log" || status=$?
 

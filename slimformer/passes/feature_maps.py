@@ -52,6 +52,10 @@ LINEAR_LR = 0.02
 # gives KL to softmax 0.03-0.05 per layer; the far keys' weight starts at exp(-0.69) = 0.5.
 HYBRID_LR = 0.01
 HYBRID_LOG_GAIN0 = -0.6931
+# Sequences per fit step: each step costs O(B H T^2); the MiniLM figures were measured with
+# calibration batches of 4 long windows, and the CLI's batches of 16 made the hybrid fit 4x
+# slower per step (MiniLM, 256 tokens: 30 min for the pass). Bigger batches are subsampled.
+STEP_SEQUENCES = 4
 
 
 def default_feature_dim(head_dim: int) -> int:
@@ -117,25 +121,34 @@ def train_hedgehog(samples: list[tuple], num_heads: int, head_dim: int, scale: f
         pattern = [local_pattern(q.shape[2], k.shape[2], *near, causal=False) & m if near else None
                    for q, k, m in samples]
 
-    def loss_of(i):
+    def loss_of(i, pick=None):
         q, k, m = samples[i]
+        target, row, near_i = targets[i], rows[i], pattern[i]
+        if pick is not None:  # a few sequences of the batch (masks without a batch dim broadcast)
+            q, k, target, row = q[pick], k[pick], target[pick], row[pick]
+            m = m[pick] if m.shape[0] > 1 else m
+            near_i = near_i[pick] if near and near_i.shape[0] > 1 else near_i
         q, k = q.float(), k.float()
         phi_q, phi_k = hedgehog_features(q, wq), hedgehog_features(k, wk)
         if near:
-            pred = _hybrid_weights(q, k, phi_q, scale_heads(phi_k, gain), pattern[i], m & ~pattern[i], scale)
+            pred = _hybrid_weights(q, k, phi_q, scale_heads(phi_k, gain), near_i, m & ~near_i, scale)
         else:
             pred = _linear_weights(phi_q, phi_k, m)
-        ce = -(targets[i] * torch.log(pred + 1e-8)).sum(-1, keepdim=True)  # (B, H, T, 1)
-        return ce[rows[i]].mean()
+        ce = -(target * torch.log(pred + 1e-8)).sum(-1, keepdim=True)  # (B, H, T, 1)
+        return ce[row].mean()
 
     def mean_loss():
         with torch.no_grad():
             return sum(loss_of(i).item() for i in range(len(samples))) / len(samples)
 
     start = mean_loss()
+    gen = torch.Generator().manual_seed(seed)
     for step in range(max(steps, 0)):
+        i = step % len(samples)
+        b = samples[i][0].shape[0]
+        pick = torch.randperm(b, generator=gen)[:STEP_SEQUENCES] if b > STEP_SEQUENCES else None
         opt.zero_grad()
-        loss_of(step % len(samples)).backward()
+        loss_of(i, pick).backward()
         opt.step()
     info = {"loss_start": round(start, 4), "loss_end": round(mean_loss(), 4), "features": 2 * wq.shape[-1]}
     return (*(p.detach() for p in params), info)

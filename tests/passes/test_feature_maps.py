@@ -57,3 +57,18 @@ def test_hybrid_fit_learns_the_far_keys_weight():
     local = torch.softmax(((q @ k.transpose(-2, -1)) * 8 ** -0.5).masked_fill(~near, -1e30), -1)
     local_ce = float(-(target * torch.log(local + 1e-8)).sum(-1).mean())
     assert info["loss_end"] < local_ce - 0.5, (info, local_ce)
+
+
+@pytest.mark.parametrize("near", [None, (4, 1)])
+def test_large_batches_are_subsampled_per_step(near):
+    """Calibration batches above STEP_SEQUENCES (a CLI batch is 16) train on a random subset
+    per step, padding masks included; the loss is still reported over whole batches."""
+    g = torch.Generator().manual_seed(1)
+    b, t = fm.STEP_SEQUENCES * 2 + 1, 24
+    q = torch.randn(b, 2, t, 8, generator=g) * 2.0
+    k = q[:, :, torch.randperm(t, generator=g)] + 0.3 * torch.randn(b, 2, t, 8, generator=g)
+    keep = torch.ones(b, t, dtype=torch.bool)
+    keep[::2, t - 5:] = False  # every other sequence pads its tail
+    samples = [(q, k, keep[:, None, None, :].expand(b, 1, t, t))]
+    *_, info = fm.train_hedgehog(samples, 2, 8, 8 ** -0.5, steps=40, feature_dim=8, near=near)
+    assert info["loss_end"] < info["loss_start"] - 0.1, info
