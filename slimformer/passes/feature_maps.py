@@ -5,7 +5,9 @@ Linear attention replaces softmax(q k^T) with phi(q) phi(k)^T, normalised per ro
 Hedgehog (Zhang et al. 2024) learns phi(x) = [softmax(x W), softmax(-x W)] per head, trained so
 that the normalised phi(q) phi(k)^T matches that layer's softmax attention weights on
 calibration activations (cross-entropy between the two distributions); that recovers the
-"spiky" attention patterns a fixed map cannot represent.
+"spiky" attention patterns a fixed map cannot represent. For hybrid attention the same fit
+targets the hybrid's weights (softmax on the local window, phi on the other keys) and learns a
+far-key weight per head with the maps.
 
 All functions here are graph-callable: the pass inserts them as call_function nodes, so the
 CPU lowering exports them as plain ONNX ops (MatMul, Softmax, Concat).
@@ -53,8 +55,8 @@ LINEAR_LR = 0.02
 HYBRID_LR = 0.01
 HYBRID_LOG_GAIN0 = -0.6931
 # Sequences per fit step: each step costs O(B H T^2); the MiniLM figures were measured with
-# calibration batches of 4 long windows, and the CLI's batches of 16 made the hybrid fit 4x
-# slower per step (MiniLM, 256 tokens: 30 min for the pass). Bigger batches are subsampled.
+# calibration batches of 4 long windows, and the CLI's batches of 16 made each Hedgehog step 4x
+# dearer (MiniLM hybrid, 256 tokens: 30 min for the pass). Bigger batches are subsampled.
 STEP_SEQUENCES = 4
 
 

@@ -7,8 +7,9 @@ Softmax attention costs O(T^2) time and memory per head. This pass rewrites each
   - kind="local": sliding-window attention in blocks of `window` plus `global_tokens` global
     tokens, `slimformer::block_sparse_attention`, O(T * window); exact when T <= window;
   - kind="hybrid": local's pattern in softmax plus every other key through Hedgehog linear
-    attention, one normalisation (LoLCATs), `slimformer::hybrid_attention`, O(T * window + T F D):
-    the far keys keep their weight, which local attention drops.
+    attention, normalised together (after LoLCATs; naive_attention.hybrid_attention_ref),
+    `slimformer::hybrid_attention`, O(T * window + T F D): the far keys keep their weight,
+    which local attention drops.
 Then it recovers: attention transfer (the Hedgehog fit, per layer), and end-to-end distillation
 of the model's outputs towards the graph before the rewrite (`recover_steps`).
 
