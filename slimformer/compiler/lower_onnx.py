@@ -249,7 +249,7 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
             # blocked matmuls over padded windows plus the global rows
             replace_node(gm, node, naive_attention.block_sparse_attention_blocked, node.args)
         elif node.target == torch.ops.slimformer.hybrid_attention.default:
-            # the blocked window part, unnormalised, plus the per-block linear states of the rest
+            # the blocked local attention, plus the far keys from per-block linear states
             replace_node(gm, node, naive_attention.hybrid_attention_blocked, node.args)
         elif node.target == aten.scaled_dot_product_attention.default:
             replace_node(gm, node, explicit_attention, node.args, node.kwargs)
