@@ -185,7 +185,7 @@ def hybrid_far_field(fq, fk, v, key_mask, window: int, global_tokens: int, causa
     """The far keys' part of hybrid attention: numerator (B, H, T, D) and denominator (B, H, T),
     from per-block states S_c = sum_{j in block c} phi(k_j) v_j^T (B, H, N, F, D): block b's far
     state is the total minus blocks b-1..b+1 (causal: the blocks before b-1, an exclusive
-    cumsum). Global keys are always near (their features are zeroed here), global rows get 0.
+    cumsum). Global keys are always near (zeroed out of the states here), global rows get 0.
     O(T F D), no (T x T) or (T x W) intermediate."""
     B, H, T, Fd = fq.shape
     D = v.shape[-1]
@@ -196,11 +196,12 @@ def hybrid_far_field(fq, fk, v, key_mask, window: int, global_tokens: int, causa
     n = (T + W - 1) // W
     pad = n * W - T
     qb = F.pad(fq.float(), (0, 0, 0, pad)).reshape(B, H, n, W, Fd)
-    kb = F.pad(fk.float() * keep, (0, 0, 0, pad)).reshape(B, H, n, W, Fd)
-    vb = F.pad(v.float(), (0, 0, 0, pad)).reshape(B, H, n, W, D)
-    # states with the normaliser as one more column: [phi(k)^T v | phi(k)^T 1]
-    ones = torch.ones(B, H, n, W, 1, device=fq.device)
-    st = kb.transpose(-2, -1) @ torch.cat([vb, ones], dim=-1)  # (B, H, N, F, D + 1)
+    kb = F.pad(fk.float(), (0, 0, 0, pad)).reshape(B, H, n, W, Fd)
+    # [v | 1] with the normaliser as one more column, dropped keys zeroed on this side: D + 1
+    # columns to multiply rather than the F of phi(k)
+    vk = torch.cat([v.float() * keep, keep.expand(B, H, T, 1)], dim=-1)
+    vb = F.pad(vk, (0, 0, 0, pad)).reshape(B, H, n, W, D + 1)
+    st = kb.transpose(-2, -1) @ vb  # (B, H, N, F, D + 1): [phi(k)^T v | phi(k)^T 1] per block
     if causal:
         far = F.pad(torch.cumsum(st, dim=2), (0, 0, 0, 0, 2, 0))[:, :, :n]  # blocks <= b - 2
     else:
