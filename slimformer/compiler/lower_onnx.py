@@ -132,6 +132,48 @@ def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
+def multihead_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as one ORT com.microsoft.MultiHeadAttention node (non-causal, as many k/v heads as q
+    heads, mask None or bool (B or 1, 1, T or 1, S)). q/k/v go in as (B, T, H * D): the
+    head transposes around it cancel against the model's own, so the attention block loses its
+    Transposes, the score MatMuls, the mask Add and the Softmax to one kernel."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+
+    def merged(t):  # (B, H, L, D) -> (B, L, H * D)
+        return t.transpose(1, 2).reshape(B, t.shape[2], H * D)
+
+    bias = None
+    if attn_mask is not None:  # additive, (B or 1, 1, T, S): min / 2 as in explicit_attention
+        bias = torch.where(attn_mask, 0.0, torch.finfo(torch.float32).min / 2).expand(attn_mask.shape[0], 1, T, S)
+    out = torch.onnx.ops.symbolic(
+        "com.microsoft::MultiHeadAttention", [merged(q), merged(k), merged(v), None, None, bias],
+        {"num_heads": H, "scale": float(scale)}, dtype=q.dtype, shape=[B, T, H * D], version=1)
+    return out.reshape(B, T, H, D).transpose(1, 2)
+
+
+def mha_fits(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> bool:
+    """Whether SDPA with these arguments (tensors or their fake values) fits multihead_attention:
+    fp32, non-causal, no dropout, as many k/v heads as q heads, equal head dims, and a bool mask
+    without a per-head axis, or none."""
+    if is_causal or dropout_p or q.dtype != torch.float32 or q.dim() != 4:
+        return False
+    if k.shape[1] != q.shape[1] or v.shape[-1] != q.shape[-1]:
+        return False
+    return attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4 and attn_mask.shape[1] == 1)
+
+
+def mha_eligible(node) -> bool:
+    """mha_fits on an SDPA node's fake values."""
+    def val(a):
+        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+    args, kwargs = [val(a) for a in node.args], {n: val(a) for n, a in node.kwargs.items()}
+    if any(a is None for a in args[:3]) or any(isinstance(a, torch.fx.Node) for a in args + list(kwargs.values())):
+        return False
+    return mha_fits(*args, **kwargs)
+
+
 def fuse_shared_input_int8(gm: GraphModule) -> None:
     """int8 linears reading the same input with the same activation mode (q, k and v) become
     one int8 linear over the concatenated weights, sliced after: the input is row-normalised
@@ -252,7 +294,8 @@ def prepare_for_onnx(gm: GraphModule) -> GraphModule:
             # the blocked local attention, plus the far keys from per-block linear states
             replace_node(gm, node, naive_attention.hybrid_attention_blocked, node.args)
         elif node.target == aten.scaled_dot_product_attention.default:
-            replace_node(gm, node, explicit_attention, node.args, node.kwargs)
+            fn = multihead_attention if mha_eligible(node) else explicit_attention
+            replace_node(gm, node, fn, node.args, node.kwargs)
         elif node.target == aten.layer_norm.default:
             add = node.args[0]
             if isinstance(add, torch.fx.Node) and add.target == aten.add.Tensor and len(add.args) == 2 \
