@@ -2,8 +2,10 @@
 
 Each slimformer op is swapped for the ONNX Runtime operators that compute the same arithmetic
 (`torch.onnx.ops.symbolic` emits a `com.microsoft` node the exporter passes through), then
-`torch.onnx.export(dynamo=True)` writes the model. Attention is re-spelt as plain matmuls:
-the exporter's SDPA decomposition adds NaN guards and shape plumbing ONNX Runtime runs slowly.
+`torch.onnx.export(dynamo=True)` writes the model. Attention is re-spelt rather than left to
+the exporter's SDPA decomposition (NaN guards and shape plumbing that ONNX Runtime runs slowly):
+as one com.microsoft.MultiHeadAttention node where it fits (multihead_attention), else as
+matmul -> softmax -> matmul (explicit_attention).
 """
 
 from __future__ import annotations
