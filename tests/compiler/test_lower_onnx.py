@@ -87,3 +87,9 @@ def test_sdpa_outside_multihead_attention_keeps_the_explicit_form():
     assert not mha_fits(q, q, q, torch.zeros(2, 1, 6, 6))
     assert not mha_fits(q, q, q, torch.ones(2, 4, 6, 6, dtype=torch.bool))
     assert not mha_fits(q.half(), q.half(), q.half())
+
+
+def test_no_per_node_metadata(int8_bert):
+    """The exporter's stack traces would be most of a small model's file."""
+    graph = onnx.load_from_string(int8_bert[3].model_bytes).graph
+    assert not any(n.metadata_props or n.doc_string for n in graph.node)
