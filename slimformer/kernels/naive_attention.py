@@ -120,19 +120,22 @@ def block_sparse_attention_blocked(q, k, v, key_mask, window: int, global_tokens
     pad = n * W - T  # not (-T) % W: torch.export must prove the reshapes for every T
     ones = torch.ones(B, H, n * W, 1, device=q.device)
     qb = torch.cat([F.pad(qs, (0, 0, 0, pad)), ones], dim=-1).reshape(B, H, n, W, Dq + 1)
-    # keys: one block of padding on each side; neighbours are shifted slices
+    # keys: one block of padding on each side, then the G global keys (with their own mask)
     local_ok = F.pad(valid & (pos >= G), (W, pad + W), value=False)  # (B, (N+2)W): globals live apart
     kp = torch.cat([F.pad(kf, (0, 0, W, pad + W)), _bias(local_ok)[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
-    kp = kp.reshape(B, H, n + 2, W, Dq + 1)
-    vp = F.pad(vf, (0, 0, W, pad + W)).reshape(B, H, n + 2, W, D)
+    vp = F.pad(vf, (0, 0, W, pad + W))
     shifts = (0, 1) if causal else (0, 1, 2)  # blocks b-1, b (, b+1) in padded block numbering
-    kparts, vparts = [kp[:, :, s:s + n] for s in shifts], [vp[:, :, s:s + n] for s in shifts]
-    if global_tokens > 0:  # the global keys, repeated for every block (G rows each: cheap)
+    L = len(shifts) * W
+    rows = torch.arange(n, device=q.device)[:, None] * W + torch.arange(L, device=q.device)  # (N, nW)
+    if global_tokens > 0:  # the global keys, the first G keys of every block's window
         kg = torch.cat([kf[:, :, :G], _bias(valid[:, :G])[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
-        kparts.insert(0, kg.unsqueeze(2).expand(B, H, n, G, Dq + 1))
-        vparts.insert(0, vf[:, :, :G].unsqueeze(2).expand(B, H, n, G, D))
-    kw = torch.cat(kparts, dim=3)  # (B, H, N, G + nW, Dq + 1)
-    vw = torch.cat(vparts, dim=3)  # (B, H, N, G + nW, D)
+        kp, vp = torch.cat([kp, kg], dim=2), torch.cat([vp, vf[:, :, :G]], dim=2)
+        globs = (n + 2) * W + torch.arange(G, device=q.device)
+        rows = torch.cat([globs[None, :].expand(n, G), rows], dim=1)  # (N, G + nW)
+    # every block's window in one Gather of key rows: no per-shift Slice and Concat copies
+    width = L + (G if global_tokens > 0 else 0)
+    kw = kp.index_select(2, rows.flatten()).reshape(B, H, n, width, Dq + 1)  # (B, H, N, G + nW, Dq + 1)
+    vw = vp.index_select(2, rows.flatten()).reshape(B, H, n, width, D)  # (B, H, N, G + nW, D)
     scores = qb @ kw.transpose(-2, -1)  # (B, H, N, W, G + nW), masks included
     if causal:  # key position <= query position: depends on both, an Add of a (N, W, G + nW) bias
         blocks = torch.arange(n, device=q.device)[:, None]
