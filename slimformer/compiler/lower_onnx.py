@@ -110,6 +110,12 @@ def residual_sum(a, b):
                                    shape=torch.broadcast_shapes(a.shape, b.shape), version=13)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as a score bias: 0 where allowed, dtype's min / 2 elsewhere (adding a score
+    to it cannot overflow to -inf, so a row with nothing allowed stays finite)."""
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min / 2).to(dtype)
+
+
 def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """SDPA as matmul -> softmax -> matmul. q: (B, H, T, D), k/v: (B, Hkv, S, D)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -126,9 +132,7 @@ def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
         if attn_mask.dtype == torch.bool:
             # An additive mask, made on the small (B, 1, T, S) tensor: ORT's broadcasting Add
             # beats its Where on the (B, H, T, S) scores (1.6 ms per layer on MiniLM, batch 8).
-            # min / 2: adding a score to it cannot overflow to -inf.
-            bias = torch.where(attn_mask, 0.0, torch.finfo(scores.dtype).min / 2).to(scores.dtype)
-            scores = scores + bias
+            scores = scores + additive_mask(attn_mask, scores.dtype)
         else:
             scores = scores + attn_mask
     return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -147,8 +151,8 @@ def multihead_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
         return t.transpose(1, 2).reshape(B, t.shape[2], H * D)
 
     bias = None
-    if attn_mask is not None:  # additive, (B or 1, 1, T, S): min / 2 as in explicit_attention
-        bias = torch.where(attn_mask, 0.0, torch.finfo(torch.float32).min / 2).expand(attn_mask.shape[0], 1, T, S)
+    if attn_mask is not None:  # (B or 1, 1, T, S)
+        bias = additive_mask(attn_mask, q.dtype).expand(attn_mask.shape[0], 1, T, S)
     out = torch.onnx.ops.symbolic(
         "com.microsoft::MultiHeadAttention", [merged(q), merged(k), merged(v), None, None, bias],
         {"num_heads": H, "scale": float(scale)}, dtype=q.dtype, shape=[B, T, H * D], version=1)
@@ -167,13 +171,13 @@ def mha_fits(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None
 
 
 def mha_eligible(node) -> bool:
-    """mha_fits on an SDPA node's fake values."""
-    def val(a):
-        return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
-    args, kwargs = [val(a) for a in node.args], {n: val(a) for n, a in node.kwargs.items()}
-    if any(a is None for a in args[:3]) or any(isinstance(a, torch.fx.Node) for a in args + list(kwargs.values())):
+    """mha_fits on an SDPA node's fake values; an input without one keeps the explicit form."""
+    if any("val" not in a.meta for a in node.all_input_nodes):
         return False
-    return mha_fits(*args, **kwargs)
+
+    def val(a):
+        return a.meta["val"] if isinstance(a, torch.fx.Node) else a
+    return mha_fits(*map(val, node.args), **{n: val(a) for n, a in node.kwargs.items()})
 
 
 def fuse_shared_input_int8(gm: GraphModule) -> None:
