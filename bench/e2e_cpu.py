@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=1,
                    help="multiplies --runs and --runs-b1 (kept for old command lines)")
-    p.add_argument("--convert-timeout", type=float, default=900)
+    p.add_argument("--convert-timeout", type=float, default=1800)
     p.add_argument("--workdir", default=None, help="keep exported models here (default: temp)")
     p.add_argument("--reuse-artifacts", action="store_true",
                    help="with --workdir: skip `convert` where an artifact is already there "

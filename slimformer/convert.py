@@ -20,19 +20,20 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 BATCH = 16
 
 
-def read_calibration(path: str | Path, user_given: bool = True) -> list[str]:
+def read_calibration(path: str | Path, what: str = "calibration") -> list[str]:
+    """The non-empty lines of a UTF-8 text file; `what` names the file in the errors."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SlimformerError(f"calibration file {path} does not exist",
+        raise SlimformerError(f"{what} file {path} does not exist",
                               "pass a UTF-8 text file with one sample per line") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SlimformerError(f"cannot read calibration file {path}: {e}",
+        raise SlimformerError(f"cannot read {what} file {path}: {e}",
                               "pass a readable UTF-8 text file with one sample per line") from e
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
-        raise SlimformerError(f"calibration file {path} is empty",
+        raise SlimformerError(f"{what} file {path} is empty",
                               "put at least a few dozen representative samples in it, one per line")
     return lines
 
@@ -109,16 +110,22 @@ def split_held_out(texts: list[str]) -> tuple[list[str], list[str]]:
 
 def convert_model_dir(model_dir, target: str, out, texts: list[str], *, fidelity=0.995, force=False,
                       max_length=128, dump_ir=None, console: Console | None = None,
-                      options: dict | None = None) -> CompiledModel:
+                      options: dict | None = None, train_texts: list[str] | None = None) -> CompiledModel:
+    """train_texts: what distillation trains on (default: the calibration share of `texts`);
+    the held-out share of `texts` is taken out of it, so that the held-out check stays fair."""
     console = console or Console()
     model, tokenizer = load_model_dir(model_dir)
     calib_texts, val_texts = split_held_out(texts)
     calib = tokenize(tokenizer, calib_texts, max_length)
     val = tokenize(tokenizer, val_texts, max_length)
+    training = None
+    if train_texts is not None:
+        held = set(val_texts) if val_texts is not calib_texts else set()
+        training = tokenize(tokenizer, [t for t in train_texts if t not in held], max_length) or None
     example = _example(calib)
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        compiled = compile(model, target, example, calib, validation=val, fidelity=fidelity,
+        compiled = compile(model, target, example, calib, validation=val, training=training, fidelity=fidelity,
                            dump_ir=dump_ir, progress=progress, **(options or {}))
     compiled.report.model = str(model_dir)
 

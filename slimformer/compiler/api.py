@@ -25,6 +25,7 @@ def compile(
     calibration=None,
     *,
     validation=None,
+    training=None,
     fidelity: float = 0.995,
     dump_ir: str | None = None,
     progress=None,
@@ -34,7 +35,11 @@ def compile(
 
     example_inputs: a dict of the forward's keyword arguments (batch and sequence >= 2 are best).
     calibration: an iterable of such dicts; when None, the example inputs serve.
-    validation: held-out dicts for the final fidelity of the lowered model (default: calibration).
+    validation: held-out dicts for the final fidelity of the lowered model (default: calibration);
+        distillation also keeps its parameters only as far as these agree they improved.
+    training: more input dicts for distillation (recover_steps) to train on (default: calibration).
+        Distillation on a few hundred sentences fits them and loses held-out text; a few
+        thousand varied ones generalise.
     fidelity: the cosine budget the quantization passes keep (min over samples).
     progress: a rich.progress.Progress to show long steps on, or None.
     """
@@ -66,7 +71,10 @@ def compile(
     gm = frontend.export(model, example_inputs)
     report = Report(target=target, model=type(model).__name__, fidelity_budget=fidelity,
                     size_before_mb=size_mb(model), params_before=param_count(model))
-    ctx = CompileContext(model, batches, reference, fidelity, options, progress, report)
+    ctx = CompileContext(model, batches, reference, fidelity, options, progress, report,
+                         training=list(training) if training is not None else None,
+                         validation=held_out if validation is not None else None,
+                         validation_reference=held_ref if validation is not None else None)
     gm = PassManager(pipeline, dump_ir=dump_ir).run(gm, ctx)
     report.params_after = param_count(gm)
     lower_start = time.perf_counter()

@@ -48,7 +48,7 @@ def capture_inputs(gm, sites, batches, key_mask: Node | None) -> dict:
     return values
 
 
-def allowed_keys(mask, causal: bool, key_mask, T: int, S: int) -> torch.Tensor:
+def allowed_keys(causal: bool, key_mask, T: int, S: int) -> torch.Tensor:
     """(B, 1, T, S) bool: what the replacement lets each query see."""
     allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T) if causal else torch.ones(T, S, dtype=torch.bool)
     allowed = allowed[None, None]
@@ -75,6 +75,6 @@ def _matches(mask, q, k, key_mask, causal: bool, use_km: bool) -> bool:
     if use_km and key_mask is None:
         return False
     T, S = q.shape[2], k.shape[2]
-    expect = allowed_keys(mask, causal, key_mask if use_km else None, T, S)
+    expect = allowed_keys(causal, key_mask if use_km else None, T, S)
     rows = (key_mask != 0)[:, None, :, None] if key_mask is not None else torch.ones(1, 1, T, 1, dtype=torch.bool)
     return bool(((mask.bool() == expect) | ~rows).all())

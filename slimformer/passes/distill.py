@@ -1,54 +1,83 @@
 """Distillation of a compressed graph towards the original model, on CPU, without labels.
 
-    losses = distill(gm, ctx, steps=200, lr=5e-5)
+    result = distill(gm, ctx, steps=600, lr=1e-4)
 
 Trains every floating-point parameter of `gm` (an FX GraphModule) so that its outputs match the
-original model's (`ctx.original`) on the calibration batches (`ctx.calibration`): mean squared
-error of the last hidden state (the first output), plus, TinyBERT style, of the hidden states
-after each transformer layer that both models still have (matched by module path and call
-order; a dropped layer has no partner and is left out). Each term is divided by the target's
-variance, so the loss is scale-free. Padding tokens do not count. Shows a progress bar on
-`ctx.progress` (a rich Progress) when there is one. Returns the loss of every step.
+original model's (`ctx.original`): mean squared error of the last hidden state (the first
+output), plus, TinyBERT style, of the hidden states after each transformer layer that both
+models still have (matched by module path and call order; a dropped layer has no partner and is
+left out). Each term is divided by the target's variance, so the loss is scale-free. Padding
+tokens do not count.
 
-The original's outputs are computed once, up front; the parameters trained are fresh copies
-(the original model's tensors are never written). Quantized buffers (int8/int4) stay as they
-are: call this on the float graph, before quantization.
+Data: the training batches (`ctx.training`, else the calibration batches), visited in a shuffled
+order; the original's outputs are computed as each batch comes, so a corpus of any size costs
+no memory. Held-out check: every `check_every` steps the graph is scored on `ctx.validation`
+against the original, and the best parameters seen (the starting ones included) are the ones
+kept. Distillation on a few hundred sentences fits them and loses held-out text (MiniLM, heads
+0.25 + FFN 0.4, 258 sentences, lr 3e-4: calibration mean cosine 0.99, held-out 0.93 -> 0.92);
+the check makes such a run a no-op instead of a silent loss.
+
+Shows a progress bar on `ctx.progress` (a rich Progress) when there is one. The parameters
+trained are fresh copies (the original model's tensors are never written). Quantized buffers
+(int8/int4) stay as they are: call this on the float graph, before quantization.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule
 
 from slimformer.compiler.blocks import find_blocks
-from slimformer.compiler.numerics import batch_mask, flat_tensors
+from slimformer.compiler.numerics import batch_mask, compare, flat_tensors, run_batches
 
 
-def distill(gm: GraphModule, ctx, steps: int, lr: float = 5e-5, *, batches: list[dict] | None = None,
+@dataclass
+class DistillResult:
+    losses: list[float] = field(default_factory=list)  # every step's training loss
+    kept_step: int = 0  # the step whose parameters were kept (0: the starting ones)
+    held_out: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out error)
+
+    def summary(self) -> str:
+        if not self.losses:
+            return "no distillation"
+        text = f"distilled {len(self.losses)} steps (loss {self.losses[0]:.3g} -> {self.losses[-1]:.3g})"
+        if self.held_out:
+            scores = dict(self.held_out)
+            text += (f", held-out error {scores[0]:.4f} -> {scores[self.kept_step]:.4f}"
+                     f" (kept step {self.kept_step})")
+        return text
+
+
+def distill(gm: GraphModule, ctx, steps: int, lr: float = 1e-4, *, batches: list[dict] | None = None,
             intermediate: bool = True, intermediate_weight: float = 1.0, clip: float = 1.0,
-            seed: int = 0, trainable=None) -> list[float]:
-    """Trains gm's float parameters for `steps` steps to match ctx.original; returns losses.
+            seed: int = 0, trainable=None, check_every: int = 100) -> DistillResult:
+    """Trains gm's float parameters for `steps` steps to match ctx.original.
 
-    batches: the inputs to train on (default ctx.calibration), cycled.
+    batches: the inputs to train on (default ctx.training, else ctx.calibration).
     intermediate: also match per-layer hidden states where layers correspond.
     trainable: a predicate on parameter names; only those it accepts train (default: all).
+    check_every: steps between held-out checks (0: no checks, the last parameters stay).
     """
-    batches = list(batches if batches is not None else ctx.calibration)
+    batches = list(batches if batches is not None else (getattr(ctx, "training", None) or ctx.calibration))
     if steps <= 0 or not batches:
-        return []
+        return DistillResult()
     taps = _layer_taps(gm, ctx.original) if intermediate else {}
-    targets = _original_outputs(ctx.original, batches, taps)
     params = _trainable(gm, trainable)
+    check = _HeldOutCheck.of(ctx, params) if check_every > 0 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     store: dict[str, list[torch.Tensor]] = {}
     inserted = _insert_taps(gm, taps, store)
     task = ctx.progress.add_task("distillation", total=steps) if getattr(ctx, "progress", None) else None
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
+    order = _Order(len(batches), seed)
+    result = DistillResult()
     try:
-        for step in range(steps):
-            i = int(torch.randint(len(batches), (1,), generator=gen)) if step >= len(batches) else step
-            batch, (last, layers) = batches[i], targets[i]
+        if check is not None:
+            check.score(gm, 0, result)
+        for step in range(1, steps + 1):
+            batch = batches[order.next()]
+            last, layers = _original_outputs(ctx.original, batch, taps)
             store.clear()
             with torch.enable_grad():
                 out = flat_tensors(gm(**batch))[0]
@@ -61,17 +90,64 @@ def distill(gm: GraphModule, ctx, steps: int, lr: float = 5e-5, *, batches: list
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
-            losses.append(float(loss.detach()))
+            result.losses.append(float(loss.detach()))
+            if check is not None and (step % check_every == 0 or step == steps):
+                check.score(gm, step, result)
             if task is not None:
-                ctx.progress.update(task, advance=1, description=f"distillation (loss {losses[-1]:.3g})")
+                ctx.progress.update(task, advance=1, description=f"distillation (loss {result.losses[-1]:.3g})")
     finally:
         for n in inserted:
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
         gm.recompile()
+        if check is not None:
+            check.restore_best(result)
         for p in params:
             p.requires_grad_(False)
-    return losses
+    return result
+
+
+class _Order:
+    """Batch indices: shuffled epochs, so every batch is seen once before any is seen twice."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.gen, self.queue = n, torch.Generator().manual_seed(seed), []
+
+    def next(self) -> int:
+        if not self.queue:
+            self.queue = torch.randperm(self.n, generator=self.gen).tolist()
+        return self.queue.pop()
+
+
+@dataclass
+class _HeldOutCheck:
+    """Scores the graph on held-out batches against the original; remembers the best params."""
+
+    batches: list[dict]
+    reference: list
+    params: list[torch.nn.Parameter]
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+
+    @classmethod
+    def of(cls, ctx, params) -> _HeldOutCheck | None:
+        batches, ref = getattr(ctx, "validation", None), getattr(ctx, "validation_reference", None)
+        return cls(batches, ref, params) if batches and ref else None
+
+    @torch.no_grad()
+    def score(self, gm: GraphModule, step: int, result: DistillResult) -> None:
+        fid = compare(self.reference, run_batches(gm, self.batches), self.batches)
+        error = (1 - fid.cos_min) + (1 - fid.cos_mean)  # as tune_quantized's held-out check
+        result.held_out.append((step, error))
+        if self.best is None or error < self.best[0]:
+            self.best = (error, step, [p.detach().clone() for p in self.params])
+
+    @torch.no_grad()
+    def restore_best(self, result: DistillResult) -> None:
+        if self.best is None:
+            return
+        _, result.kept_step, saved = self.best
+        for p, s in zip(self.params, saved):
+            p.copy_(s)
 
 
 def _trainable(gm: GraphModule, accept=None) -> list[torch.nn.Parameter]:
@@ -109,10 +185,10 @@ def _layer_taps(gm: GraphModule, original: torch.nn.Module) -> dict[str, object]
 
 
 @torch.no_grad()
-def _original_outputs(original: torch.nn.Module, batches: list[dict], taps: dict) -> list[tuple]:
-    """Per batch: (the original's first output, {tap key: the layer's output hidden state})."""
+def _original_outputs(original: torch.nn.Module, batch: dict, taps: dict) -> tuple:
+    """(the original's first output, {tap key: the layer's output hidden state}) on one batch."""
     prefixes = sorted({k.rsplit("#", 1)[0] for k in taps})
-    out, seen = [], {}
+    current, seen = {}, {}
 
     def make_hook(prefix):
         def hook(_m, _a, o):
@@ -124,15 +200,11 @@ def _original_outputs(original: torch.nn.Module, batches: list[dict], taps: dict
 
     hooks = [original.get_submodule(p).register_forward_hook(make_hook(p)) for p in prefixes]
     try:
-        for b in batches:
-            current, seen = {}, {}
-            last = flat_tensors(original(**b))[0].detach()
-            layers = {k: v for k, v in current.items() if k in taps and isinstance(v, torch.Tensor)}
-            out.append((last, layers))
+        last = flat_tensors(original(**batch))[0].detach()
     finally:
         for h in hooks:
             h.remove()
-    return out
+    return last, {k: v for k, v in current.items() if k in taps and isinstance(v, torch.Tensor)}
 
 
 def _insert_taps(gm: GraphModule, taps: dict, store: dict) -> list:

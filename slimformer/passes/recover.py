@@ -5,9 +5,11 @@
     the original graph's there (Kwon et al. 2022's layer-wise reconstruction, ridge-regularised;
     the target is the original sum minus the pruned graph's residual input, so each refit also
     absorbs what the layers before it lost). Projections are refit in execution order, each on
-    inputs that already see the earlier refits. Undone if it lowers calibration fidelity.
+    inputs that already see the earlier refits. Undone if it lowers fidelity on the held-out
+    batches (ctx.validation; the first calibration batches when there are none).
 (b) With steps > 0: distillation of all float parameters towards the original's hidden states
-    (passes/distill.py).
+    (passes/distill.py), on ctx.training when given, keeping the parameters that scored best
+    on the held-out batches.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class Recover(Pass):
     name = "recover"
     rebases_reference = True
     steps: int = 0
-    lr: float = 5e-5
+    lr: float = 1e-4
     ridge: float = 0.2  # MiniLM heads 0.25 + FFN 0.4: held-out pooled cos mean 0.9254 at 0.05
     check_batches: int = 4  # calibration batches that decide whether the refit is kept
 
@@ -213,9 +215,11 @@ class Recover(Pass):
         if self.steps > 0:
             from slimformer.passes.distill import distill
 
-            losses = distill(gm, ctx, self.steps, lr=self.lr)
-            summary.append(f"distilled {self.steps} steps (loss {losses[0]:.3g} -> {losses[-1]:.3g})")
-            details["distill_loss"] = [losses[0], losses[-1]]
+            result = distill(gm, ctx, self.steps, lr=self.lr)
+            summary.append(result.summary())
+            details["distill_loss"] = [result.losses[0], result.losses[-1]]
+            details["distill_kept_step"] = result.kept_step
+            details["distill_held_out_error"] = [[s, round(e, 5)] for s, e in result.held_out]
         if not summary:
             return PassResult(gm, False, "nothing was pruned")
         note_after(ctx, gm, self.name, {}, {})
@@ -223,5 +227,9 @@ class Recover(Pass):
 
 
 def _fidelity_to_original(gm: GraphModule, ctx: CompileContext, batches: int | None = None):
+    """On the held-out batches when there are some (all of them), else the first calibration
+    batches: the refit is fitted on the calibration set, so that is a weak check."""
+    if ctx.validation and ctx.validation_reference:
+        return compare(ctx.validation_reference, run_batches(gm, ctx.validation), ctx.validation)
     ref = (ctx.original_reference or ctx.reference)[:batches]
     return compare(ref, run_batches(gm, ctx.calibration[:batches]), ctx.calibration[:batches])

@@ -47,7 +47,6 @@ from slimformer.passes.attention_capture import (
     mask_arg,
     mask_pattern,
 )
-from slimformer.passes.attention_distill import distill_outputs
 
 aten = torch.ops.aten
 
@@ -119,7 +118,7 @@ class ReplaceAttention(Pass):
         gm.recompile()
         analysis.invalidate(gm)
         if self.recover_steps > 0:
-            details["recover"] = _distill_or_revert(gm, ctx, replaced, self.recover_steps, self.recover_lr)
+            details["recover"] = _distill_or_revert(gm, ctx, self.recover_steps, self.recover_lr)
         sizes = sorted({layer["features"] for layer in details["layers"].values() if "features" in layer})
         features = f", {'/'.join(map(str, sizes))} features" if sizes else ""
         local = f"window {self.window}, {self.global_tokens} global"
@@ -196,8 +195,8 @@ class ReplaceAttention(Pass):
             if maps_done:  # trained before, on a copy of this graph (see _choose)
                 fitted = maps_done
             else:
-                samples = [(qq, kk, allowed_keys(mm, causal, km, qq.shape[2], kk.shape[2]))
-                           for qq, kk, mm, km in zip(vals["q"], vals["k"], vals["mask"], vals["key_mask"])]
+                samples = [(qq, kk, allowed_keys(causal, km, qq.shape[2], kk.shape[2]))
+                           for qq, kk, km in zip(vals["q"], vals["k"], vals["key_mask"])]
                 *fitted, info = fm.train_hedgehog(
                     samples, site.num_heads, site.head_dim, _scale(sdpa, site.head_dim),
                     self.transfer_steps if self.hedgehog_steps is None else self.hedgehog_steps,
@@ -269,13 +268,13 @@ class ReplaceAttention(Pass):
         return {}
 
 
-def _distill_or_revert(gm: GraphModule, ctx: CompileContext, replaced: list[str], steps: int, lr: float) -> dict:
+def _distill_or_revert(gm: GraphModule, ctx: CompileContext, steps: int, lr: float) -> dict:
     """_distill, undone when it lowers the calibration min cosine: with a few calibration
     windows and an already small error (MiniLM, hybrid attention after transfer: 0.986 held-out
     min), 16 steps measured 0.981 -- the optimiser's noise floor sits above the error left."""
     before = ctx.fidelity(gm)
     saved = {k: t.detach().clone() for k, t in gm.state_dict().items() if t.is_floating_point()}
-    info = _distill(gm, ctx, replaced, steps, lr)
+    info = _distill(gm, ctx, steps, lr)
     after = ctx.fidelity(gm)
     info["calibration_cos_min"] = [round(before.cos_min, 5), round(after.cos_min, 5)]
     if after.cos_min < before.cos_min:
@@ -284,18 +283,16 @@ def _distill_or_revert(gm: GraphModule, ctx: CompileContext, replaced: list[str]
     return info
 
 
-def _distill(gm: GraphModule, ctx: CompileContext, replaced: list[str], steps: int, lr: float) -> dict:
-    """End-to-end hidden-state distillation: the shared `passes/distill.py` (every float
-    parameter, per-layer hidden states, towards the original model) where it exists, else the
-    local minimal one (the rewritten blocks' weights, final hidden states)."""
-    try:
-        from slimformer.passes.distill import distill
-    except ImportError:
-        return {"via": "attention_distill", **distill_outputs(gm, ctx, _attention_params(gm, replaced), steps, lr)}
-    losses = distill(gm, ctx, steps, lr=lr)
+def _distill(gm: GraphModule, ctx: CompileContext, steps: int, lr: float) -> dict:
+    """End-to-end hidden-state distillation (passes/distill.py: every float parameter,
+    per-layer hidden states, towards the original model)."""
+    from slimformer.passes.distill import distill
+
+    result = distill(gm, ctx, steps, lr=lr)
+    losses = result.losses
     n = max(1, min(len(ctx.calibration), len(losses)))
     return {"via": "distill", "steps": len(losses), "loss_start": round(sum(losses[:n]) / n, 5),
-            "loss_end": round(sum(losses[-n:]) / n, 5)}
+            "loss_end": round(sum(losses[-n:]) / n, 5), "kept_step": result.kept_step}
 
 
 def _progress(ctx: CompileContext, what: str, total: int):
@@ -366,20 +363,3 @@ def _call(gm: GraphModule, fn, args: tuple, before: Node, kwargs: dict | None = 
         with fake:
             node.meta["val"] = fn(*vals, **(kwargs or {}))
     return node
-
-
-def _attention_params(gm: GraphModule, paths: list[str]) -> list[str]:
-    """get_attr targets to train in recovery: the q/k/v/o projections of the rewritten blocks
-    and their feature maps."""
-    prefixes = tuple(p[:-len(".self")] if p.endswith(".self") else p for p in paths)  # BERT: the block
-    targets = []
-    for n in gm.graph.nodes:
-        if n.op != "get_attr":
-            continue
-        t = analysis.get_attr_tensor(gm, n)
-        if t is None or not t.is_floating_point():
-            continue
-        users = [analysis.module_path(u) for u in n.users]
-        if "hedgehog" in n.target or any(u.startswith(prefixes) for u in users):
-            targets.append(n.target)
-    return list(dict.fromkeys(targets))

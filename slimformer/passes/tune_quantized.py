@@ -70,7 +70,7 @@ class TuneQuantized(Pass):
         train, check = _split(ctx)
         before = _held_out_error(gm, ctx, check)
         losses = distill(gm, ctx, self.steps, self.lr, batches=[ctx.calibration[i] for i in train],
-                         trainable=tuned.__contains__)
+                         trainable=tuned.__contains__, check_every=0).losses
         after = _held_out_error(gm, ctx, check)
         keep = after < before
         with torch.no_grad():  # fold the factors into the stored scales; back to int4_linear

@@ -54,3 +54,35 @@ def test_compile_checks_fractions_before_tracing():
 
     with pytest.raises(SlimformerError, match=r"--prune-heads must be in \[0, 1\)"):
         slimformer.compile(torch.nn.Linear(2, 2), "cpu-fp32", {"input": torch.zeros(2, 2)}, prune_heads=1.0)
+
+
+def test_distillation_on_a_training_text_with_a_held_out_check(tiny_model_dir, calib_file, tmp_path, capsys):
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(f"Sentence number {i} about {w}." for i, w in enumerate(
+        ["rivers", "trains", "bread", "music", "rain", "chess", "glass", "maps"] * 3)) + "\n")
+    out = tmp_path / "distilled"
+    rc = cli.main(convert_args(tiny_model_dir, out, calib_file, "--target", "cpu-fp32", "--prune-ffn", "0.5",
+                               "--recover-steps", "4", "--train-text", str(train)))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    recover = next(p for p in Report.from_dict(json.loads((out / "report.json").read_text())).passes
+                   if p.name == "recover")
+    assert "held-out error" in recover.summary
+    steps = [s for s, _ in recover.details["distill_held_out_error"]]
+    assert steps[0] == 0 and steps[-1] == 4 and recover.details["distill_kept_step"] in steps
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--prune-ffn", "0.5", "--train-text", "TRAIN"], "no distillation runs"),
+    (["--prune-ffn", "0.5", "--recover-steps", "2", "--train-text", "MISSING"], "training text file"),
+])
+def test_bad_training_text_fails_cleanly(tiny_model_dir, calib_file, tmp_path, capsys, flags, needle):
+    (tmp_path / "train.txt").write_text("one line\n")
+    flags = [str(tmp_path / "train.txt") if f == "TRAIN" else str(tmp_path / "missing.txt") if f == "MISSING"
+             else f for f in flags]
+    out = tmp_path / "never"
+    rc = cli.main(convert_args(tiny_model_dir, out, calib_file, "--target", "cpu-fp32", *flags))
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc not in (0, None)
+    assert "error:" in err and needle in err, err
+    assert not out.exists()

@@ -4,7 +4,7 @@ lowers its loss without touching the original model's weights."""
 from __future__ import annotations
 
 import torch
-from models import calibration, context, exported, fresh_copy
+from models import calibration, context, exported, fresh_copy, inputs
 
 from slimformer.compiler import analysis
 from slimformer.compiler.analysis import get_attr_tensor
@@ -65,8 +65,46 @@ def test_shared_projection_refit_once_for_all_calls():
 def test_distill_lowers_the_loss_and_leaves_the_original_alone():
     model, gm, ctx = pruned("gpt2")
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    losses = distill(gm, ctx, steps=8, lr=1e-3)
+    losses = distill(gm, ctx, steps=8, lr=1e-3).losses
     assert len(losses) == 8
     assert min(losses[-3:]) < losses[0]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
     assert not any(p.requires_grad for p in gm.parameters())
+
+
+def with_validation(model, ctx, seed: int = 300):
+    val = [inputs(model, batch=4, seq=16, seed=seed)]
+    ctx.validation, ctx.validation_reference = val, run_batches(model, val)
+    return val
+
+
+def test_distill_keeps_the_parameters_the_held_out_check_scores_best():
+    model, gm, ctx = pruned("bert")
+    val = with_validation(model, ctx)
+    before = run_batches(gm, val)
+    result = distill(gm, ctx, steps=4, lr=1.0, check_every=1)  # a step this large wrecks the fit
+    assert [s for s, _ in result.held_out] == [0, 1, 2, 3, 4]
+    assert min(e for s, e in result.held_out if s) > result.held_out[0][1]
+    assert result.kept_step == 0 and "kept step 0" in result.summary()
+    assert torch.allclose(run_batches(gm, val)[0][0], before[0][0])
+
+
+def test_distill_keeps_a_later_step_when_it_helps():
+    model, gm, ctx = pruned("gpt2")
+    with_validation(model, ctx, seed=100)  # the held-out batch is a training batch: it must improve
+    result = distill(gm, ctx, steps=6, lr=3e-4, batches=ctx.calibration[:1], check_every=3)
+    assert result.kept_step in (3, 6)
+    assert dict(result.held_out)[result.kept_step] < dict(result.held_out)[0]
+
+
+def test_distill_trains_on_the_training_batches():
+    model, gm, ctx = pruned("bert")
+    ctx.training = [inputs(model, batch=2, seq=24, seed=7)]
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        distill(gm, ctx, steps=2, lr=1e-4)
+    finally:
+        hook.remove()
+    assert seen == [24, 24]
