@@ -184,7 +184,7 @@ class Recover(Pass):
     steps: int = 0
     lr: float = 1e-4
     ridge: float = 0.2  # MiniLM heads 0.25 + FFN 0.4: held-out pooled cos mean 0.9254 at 0.05
-    check_batches: int = 4  # calibration batches that decide whether the refit is kept
+    check_batches: int = 4  # without held-out batches: the calibration batches that decide it
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         original = original_graph(ctx)
