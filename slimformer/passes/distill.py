@@ -10,8 +10,8 @@ left out). Each term is divided by the target's variance, so the loss is scale-f
 tokens do not count.
 
 Data: the training batches (`ctx.training`, else the calibration batches), visited in a shuffled
-order; the original's outputs are computed as each batch comes, so a corpus of any size costs
-no memory. Held-out check: every `check_every` steps the graph is scored on `ctx.validation`
+order; the original's outputs are computed as each batch comes and kept up to a memory budget,
+so a corpus of any size costs bounded memory. Held-out check: every `check_every` steps the graph is scored on `ctx.validation`
 against the original, and the best parameters seen (the starting ones included) are the ones
 kept. Distillation on a few hundred sentences fits them and not held-out text (MiniLM, heads
 0.25 + FFN 0.4, the 258 built-in sentences: 150 steps took their pooled mean cosine to 0.99
@@ -72,13 +72,14 @@ def distill(gm: GraphModule, ctx, steps: int, lr: float = 1e-4, *, batches: list
     inserted = _insert_taps(gm, taps, store)
     task = ctx.progress.add_task("distillation", total=steps) if getattr(ctx, "progress", None) else None
     order = _Order(len(batches), seed)
+    teacher = _Teacher(ctx.original, batches, taps)
     result = DistillResult()
     try:
         if check is not None:
             check.score(gm, 0, result)
         for step in range(1, steps + 1):
-            batch = batches[order.next()]
-            last, layers = _original_outputs(ctx.original, batch, taps)
+            i = order.next()
+            batch, (last, layers) = batches[i], teacher.outputs(i)
             store.clear()
             with torch.enable_grad():
                 out = flat_tensors(gm(**batch))[0]
@@ -118,6 +119,27 @@ class _Order:
         if not self.queue:
             self.queue = torch.randperm(self.n, generator=self.gen).tolist()
         return self.queue.pop()
+
+
+class _Teacher:
+    """The original's outputs per batch, kept while they fit in `budget` bytes: a calibration
+    set revisited for many steps (tune_quantized: 150 steps over ~13 batches) runs the original
+    once per batch, and a corpus of any size still costs at most the budget."""
+
+    def __init__(self, original: torch.nn.Module, batches: list[dict], taps: dict, budget: int = 512 << 20):
+        self.original, self.batches, self.taps, self.budget = original, batches, taps, budget
+        self.kept: dict[int, tuple] = {}
+        self.bytes = 0
+
+    def outputs(self, i: int) -> tuple:
+        if i in self.kept:
+            return self.kept[i]
+        out = _original_outputs(self.original, self.batches[i], self.taps)
+        size = sum(t.numel() * t.element_size() for t in [out[0], *out[1].values()])
+        if self.bytes + size <= self.budget:
+            self.kept[i] = out
+            self.bytes += size
+        return out
 
 
 @dataclass
