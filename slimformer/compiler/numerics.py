@@ -22,6 +22,11 @@ class Fidelity:
     def ok(self, budget: float) -> bool:
         return self.cos_min >= budget
 
+    def error(self) -> float:
+        """(1 - min cosine) + (1 - mean cosine): what the held-out checks of training steps
+        (distill, tune_quantized) minimise."""
+        return (1 - self.cos_min) + (1 - self.cos_mean)
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -158,8 +158,7 @@ class _HeldOutCheck:
 
     @torch.no_grad()
     def score(self, gm: GraphModule, step: int, result: DistillResult) -> None:
-        fid = compare(self.reference, run_batches(gm, self.batches), self.batches)
-        error = (1 - fid.cos_min) + (1 - fid.cos_mean)  # as tune_quantized's held-out check
+        error = compare(self.reference, run_batches(gm, self.batches), self.batches).error()
         result.held_out.append((step, error))
         if self.best is None or error < self.best[0]:
             self.best = (error, step, [p.detach().clone() for p in self.params])

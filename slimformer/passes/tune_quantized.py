@@ -108,7 +108,6 @@ def _held_out_error(gm, ctx, idx: list[int]) -> float:
     """(1 - min cosine) + (1 - mean cosine) against the original model's outputs."""
     batches = [ctx.calibration[i] for i in idx]
     ref = ctx.original_reference or ctx.reference
-    fid = compare([ref[i] for i in idx], run_batches(gm, batches), batches)
-    return (1 - fid.cos_min) + (1 - fid.cos_mean)
+    return compare([ref[i] for i in idx], run_batches(gm, batches), batches).error()
 
 
