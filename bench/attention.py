@@ -28,7 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import from the repository root, not bench/,
+    # where kernels.py would shadow the `kernels` package that transformers (>= 5.25) imports
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 from bench.common import DATA_DIR, RESULTS_DIR, machine_info, now_iso, time_round_robin  # noqa: E402
 
 HEADS, HEAD_DIM, HIDDEN, FFN, LAYERS, MAX_POS = 12, 64, 768, 3072, 2, 8192

@@ -41,8 +41,11 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make `slimformer` and `bench` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import from the repository root, not bench/,
+    # where kernels.py would shadow the `kernels` package that transformers (>= 5.25) imports
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 TARGETS = ("cuda-fp16", "cuda-int8", "cuda-int4")
 BUDGET_S = 170.0  # stop starting new systems after this; gpu.sh's timeout is the hard stop

@@ -35,8 +35,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make `slimformer` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: import from the repository root, not bench/,
+    # where kernels.py would shadow the `kernels` package that transformers (>= 5.25) imports
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 SHAPES = [  # (name, N, K)
     ("bert.qkvo", 768, 768), ("bert.ffn_up", 3072, 768), ("bert.ffn_down", 768, 3072),
