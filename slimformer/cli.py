@@ -21,9 +21,9 @@ console = Console(stderr=False)
 err_console = Console(stderr=True)
 
 BUILTIN_CALIBRATION = Path(__file__).parent / "data" / "calibration.txt"
-# ~2,500 varied English sentences (everyday, instructional, news, technical, literary), written
-# for slimformer: distillation on the 258 calibration sentences alone fits them and loses
-# held-out text.
+# ~8,000 varied English sentences (everyday, instructional, news, technical, literary, short
+# fragments), written for slimformer: least squares and distillation on the 258 calibration
+# sentences alone fit them and lose held-out text.
 BUILTIN_TRAINING = Path(__file__).parent / "data" / "distillation.txt"
 
 
@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drop-layers", metavar="N|I,J", help="drop N layers by importance, or the given indices")
     s.add_argument("--recover-steps", type=int, metavar="N", help="distillation steps after pruning (default 0)")
     s.add_argument("--train-text", metavar="TEXT_FILE",
-                   help="text distillation trains on, one sample per line (default: the --calib text; "
-                        "without --calib, the built-in set plus ~2,500 built-in varied sentences)")
+                   help="text pruning's recovery (least squares, distillation) fits on, one sample per "
+                        "line (default: the --calib text; without --calib, the built-in set plus ~8,000 "
+                        "built-in varied sentences)")
     a = c.add_argument_group("attention replacement")
     a.add_argument("--attention", choices=["linear", "local", "hybrid"],
                    help="replace softmax attention: linear (O(T)), local (sliding window + global tokens), "
@@ -181,16 +182,20 @@ def cmd_convert(args) -> int:
 
 
 def training_texts(args, calib_texts: list[str], options: dict) -> list[str] | None:
-    """What distillation trains on: None (the calibration text) unless it runs and either
-    --train-text names a file or the built-in calibration set is in use."""
+    """What pruning's recovery (least squares, and distillation with --recover-steps) fits on:
+    None (the calibration text) unless it runs and either --train-text names a file or the
+    built-in calibration set is in use (then the built-in corpus is added: least squares on
+    the 258 built-in sentences alone fits them and loses held-out text)."""
     from slimformer.convert import read_calibration
 
+    recovers = bool(options.get("prune_heads") or options.get("prune_ffn") or options.get("recover_steps"))
     if args.train_text is not None:
-        if not options.get("recover_steps"):
-            raise SlimformerError("--train-text is the text distillation trains on, and no distillation runs",
-                                  "add --recover-steps N (e.g. 600), or leave --train-text out")
+        if not recovers:
+            raise SlimformerError("--train-text is the text pruning's recovery fits on, and nothing is pruned",
+                                  "add --prune-heads / --prune-ffn (and --recover-steps N to distil), "
+                                  "or leave --train-text out")
         return read_calibration(args.train_text, what="training text")
-    if options.get("recover_steps") and args.calib is None:
+    if recovers and args.calib is None:
         return calib_texts + read_calibration(BUILTIN_TRAINING, what="training text")
     return None
 

@@ -79,6 +79,11 @@ def load_model_dir(model_dir: str | Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModel.from_pretrained(d, config=config)
+    except ImportError as e:  # not the weights: transformers could not import its model code
+        raise SlimformerError(f"cannot load the model in {d}: transformers failed to import its code: "
+                              f"{_first_line(e)}",
+                              "check the environment: a local file or folder named like a package "
+                              "(e.g. kernels.py) on sys.path shadows it") from e
     except Exception as e:
         raise SlimformerError(f"cannot load the weights in {d}: {_first_line(e)}",
                               "the weight file is truncated or corrupt: copy it again from the source") from e
@@ -101,6 +106,14 @@ def tokenize(tokenizer, texts: list[str], max_length: int, batch: int = BATCH) -
     return out
 
 
+def by_length(tokenizer, texts: list[str]) -> list[str]:
+    """texts sorted by token count, so that a batch pads little: recovery's least squares and
+    distillation run the model over every padded token (the built-in corpus in batches of
+    mixed lengths was about half padding)."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]]
+    return [t for _, t in sorted(zip(lengths, texts), key=lambda p: p[0])]
+
+
 def split_held_out(texts: list[str]) -> tuple[list[str], list[str]]:
     """Every 5th sample is held out for the final fidelity check (all used if very few)."""
     if len(texts) < 10:
@@ -121,7 +134,8 @@ def convert_model_dir(model_dir, target: str, out, texts: list[str], *, fidelity
     training = None
     if train_texts is not None:
         held = set(val_texts) if val_texts is not calib_texts else set()
-        training = tokenize(tokenizer, [t for t in train_texts if t not in held], max_length) or None
+        training = tokenize(tokenizer, by_length(tokenizer, [t for t in train_texts if t not in held]),
+                            max_length) or None
     example = _example(calib)
     columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:

@@ -37,9 +37,9 @@ def compile(
     calibration: an iterable of such dicts; when None, the example inputs serve.
     validation: held-out dicts for the final fidelity of the lowered model (default: calibration);
         distillation also keeps its parameters only as far as these agree they improved.
-    training: more input dicts for distillation (recover_steps) to train on (default: calibration).
-        Distillation on a few hundred sentences fits them and loses held-out text; a few
-        thousand varied ones generalise.
+    training: more input dicts that pruning's recovery fits on: least squares and distillation
+        (recover_steps) (default: calibration). Both fit a few hundred sentences and lose
+        held-out text; a few thousand varied ones generalise.
     fidelity: the cosine budget the quantization passes keep (min over samples).
     progress: a rich.progress.Progress to show long steps on, or None.
     """

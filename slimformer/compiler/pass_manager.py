@@ -86,9 +86,9 @@ class CompileContext:
     original_reference: list[list[torch.Tensor]] | None = None
     # 1 - min cosine of the structurally compressed graph to the original, set on rebasing.
     structural_error: float | None = None
-    # Inputs that training steps (distillation) may use beyond the calibration batches, and
-    # held-out inputs with the original model's outputs on them, which no pass trains on: a
-    # training step is kept only as far as these agree it helped. None: not given.
+    # Inputs that recovery (least squares, distillation) fits on instead of the calibration
+    # batches, and held-out inputs with the original model's outputs on them, which no pass
+    # trains on: a training step is kept only as far as these agree it helped. None: not given.
     training: list[dict] | None = None
     validation: list[dict] | None = None
     validation_reference: list[list[torch.Tensor]] | None = None

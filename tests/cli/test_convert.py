@@ -126,6 +126,19 @@ def test_weights_truncated(tiny_model_dir, calib_file, tmp_path, capsys):
     _assert_clean_failure(capsys, rc, out, "cannot load the weights", "truncated or corrupt")
 
 
+def test_model_code_fails_to_import(tiny_model_dir, calib_file, tmp_path, capsys, monkeypatch):
+    """An ImportError inside transformers (e.g. a local kernels.py shadowing the `kernels`
+    package it imports) is not blamed on the weight file."""
+    def broken(*_a, **_k):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels' (/x/kernels.py)")
+
+    monkeypatch.setattr(AutoModel, "from_pretrained", broken)
+    out = tmp_path / "out"
+    rc = cli.main(convert_args(tiny_model_dir, out, calib_file))
+    err = _assert_clean_failure(capsys, rc, out, "failed to import its code", "shadows it")
+    assert "truncated" not in err
+
+
 def test_weights_missing(tiny_model_dir, calib_file, tmp_path, capsys):
     model = _copy_model(tiny_model_dir, tmp_path / "model")
     (model / "model.safetensors").unlink()
@@ -288,3 +301,14 @@ def test_subprocess_error_has_no_traceback(tiny_model_dir, tmp_path):
                           env=env, timeout=300)
     assert proc.returncode == 1 and "valid targets" in _flat(proc.stderr) and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_training_text_is_batched_by_length(tiny_model_dir):
+    from slimformer.convert import by_length
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = ["a much longer sentence than the others here", "short", "a medium sentence", "tiny"]
+    ordered = by_length(tokenizer, texts)
+    assert sorted(ordered) == sorted(texts)
+    lengths = [len(tokenizer(t)["input_ids"]) for t in ordered]
+    assert lengths == sorted(lengths) and ordered[-1] == texts[0]

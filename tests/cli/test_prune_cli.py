@@ -73,7 +73,7 @@ def test_distillation_on_a_training_text_with_a_held_out_check(tiny_model_dir, c
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--prune-ffn", "0.5", "--train-text", "TRAIN"], "no distillation runs"),
+    (["--attention", "local", "--train-text", "TRAIN"], "nothing is pruned"),
     (["--prune-ffn", "0.5", "--recover-steps", "2", "--train-text", "MISSING"], "training text file"),
 ])
 def test_bad_training_text_fails_cleanly(tiny_model_dir, calib_file, tmp_path, capsys, flags, needle):

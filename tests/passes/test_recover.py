@@ -3,6 +3,8 @@ lowers its loss without touching the original model's weights."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from models import calibration, context, exported, fresh_copy, inputs
 
@@ -13,7 +15,7 @@ from slimformer.passes.distill import distill
 from slimformer.passes.prune_ffn import PruneFfn
 from slimformer.passes.prune_heads import PruneHeads
 from slimformer.passes.prune_report import original_graph
-from slimformer.passes.recover import Recover, pruned_projections, ridge_lstsq
+from slimformer.passes.recover import Recover, fit_batches, pruned_projections, ridge_lstsq
 
 
 def pruned(family: str, heads: float = 0.5, ffn: float = 0.5):
@@ -108,3 +110,20 @@ def test_distill_trains_on_the_training_batches():
     finally:
         hook.remove()
     assert seen == [24]  # the training batch, run once by the original: kept for the second step
+
+
+def test_least_squares_fits_on_the_training_batches():
+    model, gm, ctx = pruned("bert")
+    ctx.training = [inputs(model, batch=2, seq=24, seed=7, pad=False), inputs(model, batch=3, seq=10, seed=8, pad=False)]
+    result = Recover(steps=0).run(gm, ctx)
+    assert result.details["refit_tokens"] == 2 * 24 + 3 * 10  # not the calibration tokens
+
+
+def test_fit_batches_spreads_a_token_budget_over_the_corpus():
+    corpus = [{"input_ids": torch.full((2, 5), i), "attention_mask": torch.ones(2, 5)} for i in range(10)]
+    ctx = SimpleNamespace(training=corpus, calibration=corpus[:1])
+    assert fit_batches(ctx, 1000) == corpus
+    picked = fit_batches(ctx, 30)  # 10 tokens a batch: 3 of them, from across the corpus
+    assert [int(b["input_ids"][0, 0]) for b in picked] == [0, 3, 6]
+    ctx.training = None
+    assert fit_batches(ctx, 1000) == corpus[:1]
