@@ -191,9 +191,9 @@ def training_texts(args, calib_texts: list[str], options: dict) -> list[str] | N
     recovers = bool(options.get("prune_heads") or options.get("prune_ffn") or options.get("recover_steps"))
     if args.train_text is not None:
         if not recovers:
-            raise SlimformerError("--train-text is the text pruning's recovery fits on, and nothing is pruned",
-                                  "add --prune-heads / --prune-ffn (and --recover-steps N to distil), "
-                                  "or leave --train-text out")
+            raise SlimformerError("--train-text is the text pruning's recovery fits on, and no recovery runs",
+                                  "recovery follows --prune-heads / --prune-ffn, or --recover-steps N "
+                                  "(distillation); or leave --train-text out")
         return read_calibration(args.train_text, what="training text")
     if recovers and args.calib is None:
         return calib_texts + read_calibration(BUILTIN_TRAINING, what="training text")

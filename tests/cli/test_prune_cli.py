@@ -73,7 +73,8 @@ def test_distillation_on_a_training_text_with_a_held_out_check(tiny_model_dir, c
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--attention", "local", "--train-text", "TRAIN"], "nothing is pruned"),
+    (["--attention", "local", "--train-text", "TRAIN"], "no recovery runs"),
+    (["--drop-layers", "1", "--train-text", "TRAIN"], "no recovery runs"),
     (["--prune-ffn", "0.5", "--recover-steps", "2", "--train-text", "MISSING"], "training text file"),
 ])
 def test_bad_training_text_fails_cleanly(tiny_model_dir, calib_file, tmp_path, capsys, flags, needle):
