@@ -110,12 +110,6 @@ def residual_sum(a, b):
                                    shape=torch.broadcast_shapes(a.shape, b.shape), version=13)
 
 
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A bool mask as a score bias: 0 where allowed, dtype's min / 2 elsewhere (adding a score
-    to it cannot overflow to -inf, so a row with nothing allowed stays finite)."""
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min / 2).to(dtype)
-
-
 def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """SDPA as matmul -> softmax -> matmul. q: (B, H, T, D), k/v: (B, Hkv, S, D)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -132,7 +126,7 @@ def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
         if attn_mask.dtype == torch.bool:
             # An additive mask, made on the small (B, 1, T, S) tensor: ORT's broadcasting Add
             # beats its Where on the (B, H, T, S) scores (1.6 ms per layer on MiniLM, batch 8).
-            scores = scores + additive_mask(attn_mask, scores.dtype)
+            scores = scores + naive_attention.additive_mask(attn_mask, scores.dtype)
         else:
             scores = scores + attn_mask
     return torch.matmul(torch.softmax(scores, dim=-1), v)
@@ -152,7 +146,7 @@ def multihead_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
 
     bias = None
     if attn_mask is not None:  # (B or 1, 1, T, S)
-        bias = additive_mask(attn_mask, q.dtype).expand(attn_mask.shape[0], 1, T, S)
+        bias = naive_attention.additive_mask(attn_mask, q.dtype).expand(attn_mask.shape[0], 1, T, S)
     out = torch.onnx.ops.symbolic(
         "com.microsoft::MultiHeadAttention", [merged(q), merged(k), merged(v), None, None, bias],
         {"num_heads": H, "scale": float(scale)}, dtype=q.dtype, shape=[B, T, H * D], version=1)

@@ -122,13 +122,13 @@ def block_sparse_attention_blocked(q, k, v, key_mask, window: int, global_tokens
     qb = torch.cat([F.pad(qs, (0, 0, 0, pad)), ones], dim=-1).reshape(B, H, n, W, Dq + 1)
     # keys: one block of padding on each side, then the G global keys (with their own mask)
     local_ok = F.pad(valid & (pos >= G), (W, pad + W), value=False)  # (B, (N+2)W): globals live apart
-    kp = torch.cat([F.pad(kf, (0, 0, W, pad + W)), _bias(local_ok)[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
+    kp = torch.cat([F.pad(kf, (0, 0, W, pad + W)), additive_mask(local_ok)[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
     vp = F.pad(vf, (0, 0, W, pad + W))
     shifts = (0, 1) if causal else (0, 1, 2)  # blocks b-1, b (, b+1) in padded block numbering
     L = len(shifts) * W
     rows = torch.arange(n, device=q.device)[:, None] * W + torch.arange(L, device=q.device)  # (N, nW)
     if global_tokens > 0:  # the global keys, the first G keys of every block's window
-        kg = torch.cat([kf[:, :, :G], _bias(valid[:, :G])[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
+        kg = torch.cat([kf[:, :, :G], additive_mask(valid[:, :G])[:, None, :, None].expand(B, H, -1, 1)], dim=-1)
         kp, vp = torch.cat([kp, kg], dim=2), torch.cat([vp, vf[:, :, :G]], dim=2)
         globs = (n + 2) * W + torch.arange(G, device=q.device)
         rows = torch.cat([globs[None, :].expand(n, G), rows], dim=1)  # (N, G + nW)
@@ -143,13 +143,13 @@ def block_sparse_attention_blocked(q, k, v, key_mask, window: int, global_tokens
         if global_tokens > 0:
             kpos = torch.cat([torch.arange(G, device=q.device)[None, :].expand(n, G), kpos], dim=1)
         qpos = torch.arange(n * W, device=q.device).reshape(n, W)
-        scores = scores + _bias(kpos[:, None, :] <= qpos[:, :, None])
+        scores = scores + additive_mask(kpos[:, None, :] <= qpos[:, :, None])
     out = (torch.softmax(scores, dim=-1) @ vw).reshape(B, H, n * W, D)[:, :, :T]
     if global_tokens > 0:  # global query rows attend to every key
         ok = valid[:, None, None, :]  # (B, 1, 1, T)
         if causal:
             ok = ok & (pos[None, :] <= pos[:G, None])
-        sq = qs[:, :, :G] @ kf.transpose(-2, -1) + _bias(ok)  # (B, H, G, T)
+        sq = qs[:, :, :G] @ kf.transpose(-2, -1) + additive_mask(ok)  # (B, H, G, T)
         out = torch.cat([torch.softmax(sq, dim=-1) @ vf, out[:, :, G:]], dim=2)
     return out.to(v.dtype)
 
@@ -179,9 +179,15 @@ def hybrid_attention_ref(q, k, v, fq, fk, key_mask, window: int, global_tokens: 
     far = ~pattern & valid[:, None, None, :]
     if causal:
         far = far & torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    s = ((q.float() * scale) @ k.float().transpose(-2, -1)).masked_fill(~near, torch.finfo(torch.float32).min)
-    a = torch.softmax(s, dim=-1) * near + (fq.float() @ fk.float().transpose(-2, -1)) * far
+    a = hybrid_weights(q.float(), k.float(), fq.float(), fk.float(), near, far, scale)
     return ((a @ v.float()) / (a.sum(-1, keepdim=True) + eps)).to(v.dtype)
+
+
+def hybrid_weights(q, k, fq, fk, near, far, scale: float):
+    """Hybrid attention's unnormalised weights (B, H, T, S): softmax over the near keys (they
+    sum to 1), plus fq . fk on the far ones. near, far: bool, broadcastable to (B, H, T, S)."""
+    s = ((q * scale) @ k.transpose(-2, -1)).masked_fill(~near, torch.finfo(q.dtype).min)
+    return torch.softmax(s, dim=-1) * near + (fq @ fk.transpose(-2, -1)) * far
 
 
 def hybrid_far_field(fq, fk, v, key_mask, window: int, global_tokens: int, causal: bool):
@@ -229,7 +235,7 @@ def hybrid_attention_blocked(q, k, v, fq, fk, key_mask, window: int, global_toke
     return hybrid_combine(local, far_num, far_den, eps).to(v.dtype)
 
 
-def _bias(allowed: torch.Tensor) -> torch.Tensor:
-    """0 where allowed, a large negative number elsewhere (fp32; min / 2: adding a score to it
-    cannot overflow to -inf, so a row with nothing allowed stays finite)."""
-    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min / 2)
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A bool mask as a score bias: 0 where allowed, dtype's min / 2 elsewhere (adding a score
+    to it cannot overflow to -inf, so a row with nothing allowed stays finite)."""
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min / 2).to(dtype)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slimformer.kernels.naive_attention import hybrid_weights, local_pattern
+
 FEATURE_MAPS = ("hedgehog", "elu")
 
 
@@ -87,10 +89,8 @@ def _linear_weights(phi_q, phi_k, allowed):
 
 
 def _hybrid_weights(q, k, phi_q, phi_k, near, far, scale):
-    """Hybrid attention's weights (B, H, T, S): softmax over the near keys (total 1), plus
-    phi(q).phi(k) on the far ones, normalised together (naive_attention.hybrid_attention_ref)."""
-    s = ((q @ k.transpose(-2, -1)) * scale).masked_fill(~near, torch.finfo(q.dtype).min)
-    a = torch.softmax(s, dim=-1) * near + (phi_q @ phi_k.transpose(-2, -1)) * far
+    """Hybrid attention's weights (B, H, T, S), normalised (naive_attention.hybrid_attention_ref)."""
+    a = hybrid_weights(q, k, phi_q, phi_k, near, far, scale)
     return a / (a.sum(-1, keepdim=True) + 1e-6)
 
 
@@ -109,8 +109,6 @@ def train_hedgehog(samples: list[tuple], num_heads: int, head_dim: int, scale: f
     Returns W_q, W_k (, the log-weights, with near), and {"loss_start", "loss_end"}
     (cross-entropy, nats per query row; "features": phi's size, 2F).
     """
-    from slimformer.kernels.naive_attention import local_pattern
-
     torch.manual_seed(seed)
     wq = torch.nn.Parameter(hedgehog_init(num_heads, head_dim, feature_dim))
     wk = torch.nn.Parameter(hedgehog_init(num_heads, head_dim, feature_dim))
