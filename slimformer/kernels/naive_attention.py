@@ -238,4 +238,5 @@ def hybrid_attention_blocked(q, k, v, fq, fk, key_mask, window: int, global_toke
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A bool mask as a score bias: 0 where allowed, dtype's min / 2 elsewhere (adding a score
     to it cannot overflow to -inf, so a row with nothing allowed stays finite)."""
-    return torch.where(allowed, 0.0, torch.finfo(dtype).min / 2).to(dtype)
+    bias = torch.where(allowed, 0.0, torch.finfo(dtype).min / 2)
+    return bias if bias.dtype == dtype else bias.to(dtype)  # no Cast in the exported graph
