@@ -25,6 +25,7 @@ trained are fresh copies (the original model's tensors are never written). Quant
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,13 +54,16 @@ class DistillResult:
 
 def distill(gm: GraphModule, ctx, steps: int, lr: float = 1e-4, *, batches: list[dict] | None = None,
             intermediate: bool = True, intermediate_weight: float = 1.0, clip: float = 1.0,
-            seed: int = 0, trainable=None, check_every: int = 100) -> DistillResult:
+            seed: int = 0, trainable=None, check_every: int = 100, decay: bool = False) -> DistillResult:
     """Trains gm's float parameters for `steps` steps to match ctx.original.
 
     batches: the inputs to train on (default ctx.training, else ctx.calibration).
     intermediate: also match per-layer hidden states where layers correspond.
     trainable: a predicate on parameter names; only those it accepts train (default: all).
     check_every: steps between held-out checks (0: no checks, the last parameters stay).
+    decay: warm up over the first 5% of the steps, then cosine-decay lr to a tenth (lr is then
+        the peak): MiniLM heads 0.25 + FFN 0.4, 2,000 steps, held-out pooled cosine min / mean
+        0.885 / 0.966 with decay from 2e-4 against 0.864 / 0.963 at a constant 1e-4.
     """
     batches = list(batches if batches is not None else (getattr(ctx, "training", None) or ctx.calibration))
     if steps <= 0 or not batches:
@@ -68,6 +72,7 @@ def distill(gm: GraphModule, ctx, steps: int, lr: float = 1e-4, *, batches: list
     params = _trainable(gm, trainable)
     check = _HeldOutCheck.of(ctx, params) if check_every > 0 else None
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps)) if decay else None
     store: dict[str, list[torch.Tensor]] = {}
     inserted = _insert_taps(gm, taps, store)
     task = ctx.progress.add_task("distillation", total=steps) if getattr(ctx, "progress", None) else None
@@ -92,6 +97,8 @@ def distill(gm: GraphModule, ctx, steps: int, lr: float = 1e-4, *, batches: list
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
+            if sched is not None:
+                sched.step()
             result.losses.append(float(loss.detach()))
             if check is not None and (step % check_every == 0 or step == steps):
                 check.score(gm, step, result)
@@ -107,6 +114,16 @@ def distill(gm: GraphModule, ctx, steps: int, lr: float = 1e-4, *, batches: list
         for p in params:
             p.requires_grad_(False)
     return result
+
+
+def lr_factor(step: int, steps: int, warmup: float = 0.05, floor: float = 0.1) -> float:
+    """The lr multiplier at `step` (0-based) of `steps`: linear warm-up, then a cosine from 1
+    down to `floor`. Pure function."""
+    warm = max(1, int(steps * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    t = min(1.0, (step - warm) / max(1, steps - warm))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 class _Order:

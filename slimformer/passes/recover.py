@@ -223,7 +223,7 @@ class Recover(Pass):
     name = "recover"
     rebases_reference = True
     steps: int = 0
-    lr: float = 1e-4
+    lr: float = 2e-4  # distillation's peak lr (warm-up, then cosine decay; distill's `decay`)
     ridge: float = 0.2  # MiniLM heads 0.25 + FFN 0.4: held-out pooled cos mean 0.9254 at 0.05
     check_batches: int = 4  # without held-out batches: the calibration batches that decide it
     fit_tokens: int = 1 << 17  # least squares fits on at most this many real tokens
@@ -259,7 +259,7 @@ class Recover(Pass):
         if self.steps > 0:
             from slimformer.passes.distill import distill
 
-            result = distill(gm, ctx, self.steps, lr=self.lr)
+            result = distill(gm, ctx, self.steps, lr=self.lr, decay=True)
             summary.append(result.summary())
             details["distill_loss"] = [result.losses[0], result.losses[-1]]
             details["distill_kept_step"] = result.kept_step

@@ -11,7 +11,7 @@ from models import calibration, context, exported, fresh_copy, inputs
 from slimformer.compiler import analysis
 from slimformer.compiler.analysis import get_attr_tensor
 from slimformer.compiler.numerics import compare, run_batches
-from slimformer.passes.distill import distill
+from slimformer.passes.distill import distill, lr_factor
 from slimformer.passes.prune_ffn import PruneFfn
 from slimformer.passes.prune_heads import PruneHeads
 from slimformer.passes.prune_report import original_graph
@@ -127,3 +127,11 @@ def test_fit_batches_spreads_a_token_budget_over_the_corpus():
     assert [int(b["input_ids"][0, 0]) for b in picked] == [0, 3, 6]
     ctx.training = None
     assert fit_batches(ctx, 1000) == corpus[:1]
+
+
+def test_lr_factor_warms_up_then_decays_to_the_floor():
+    f = [lr_factor(s, 100) for s in range(100)]
+    assert f[0] == 0.2 and f[4] == 1.0  # 5 warm-up steps
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert abs(f[-1] - 0.1) < 1e-3
+    assert lr_factor(0, 1) == 1.0  # one step: no warm-up to speak of
