@@ -154,8 +154,8 @@ def refit_projection(gm: GraphModule, calls: list[LinearSite], original: GraphMo
                 x, y = x[keep], y[keep]
             if site.bias_node is not None:
                 x = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
-            # One batch's products in float32 (a few hundred tokens: exact enough, and 2-4x
-            # faster than float64), summed over the corpus in float64.
+            # One batch's products in float32 (a few hundred tokens), their sum over tens of
+            # thousands of tokens in float64, where the normal equations need the precision.
             acc["xtx"] += (x.T @ x).double()
             xty = (x.T @ y).double()
             acc["xty"] = xty if acc["xty"] is None else acc["xty"] + xty
