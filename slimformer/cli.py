@@ -169,9 +169,9 @@ def cmd_convert(args) -> int:
     if not 0.0 < args.fidelity <= 1.0:
         raise SlimformerError(f"--fidelity must be in (0, 1], got {args.fidelity}", "e.g. --fidelity 0.995")
     options = structural_options(args)
-    structural_passes(options)  # checks the fractions, window, ... before loading anything
+    passes = structural_passes(options)  # checks the fractions, window, ... before loading anything
     texts = read_calibration(args.calib or BUILTIN_CALIBRATION)
-    train_texts = training_texts(args, texts, options)
+    train_texts = training_texts(args, texts, any(p.name == "recover" for p in passes))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     compiled = convert_model_dir(args.model_dir, args.target, args.out, texts, fidelity=args.fidelity,
                                  force=args.force, max_length=args.max_length, dump_ir=args.dump_ir,
@@ -181,14 +181,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def training_texts(args, calib_texts: list[str], options: dict) -> list[str] | None:
+def training_texts(args, calib_texts: list[str], recovers: bool) -> list[str] | None:
     """What pruning's recovery (least squares, and distillation with --recover-steps) fits on:
     None (the calibration text) unless it runs and either --train-text names a file or the
     built-in calibration set is in use (then the built-in corpus is added: least squares on
-    the 258 built-in sentences alone fits them and loses held-out text)."""
+    the 258 built-in sentences alone fits them and loses held-out text). recovers: whether
+    structural_passes holds a recover pass."""
     from slimformer.convert import read_calibration
 
-    recovers = bool(options.get("prune_heads") or options.get("prune_ffn") or options.get("recover_steps"))
     if args.train_text is not None:
         if not recovers:
             raise SlimformerError("--train-text is the text pruning's recovery fits on, and no recovery runs",

@@ -138,7 +138,6 @@ def refit_projection(gm: GraphModule, calls: list[LinearSite], original: GraphMo
     k_in = site.in_features + (1 if site.bias_node is not None else 0)
     acc = {"xtx": torch.zeros(k_in, k_in, dtype=torch.float64), "xty": None, "tokens": 0}
     pending: dict[str, torch.Tensor] = {}  # the watched values of the batch now running
-    current = {"batch": None}
 
     def add(bi: int, values: dict) -> None:
         for sink, resid, target in plans:
@@ -162,9 +161,7 @@ def refit_projection(gm: GraphModule, calls: list[LinearSite], original: GraphMo
             acc["tokens"] += x.shape[0]
 
     def record(n: Node, t: torch.Tensor, bi: int) -> None:
-        if current["batch"] != bi:
-            pending.clear()
-            current["batch"] = bi
+        # Graph order: every watched node of a batch runs before stop_early ends its forward.
         pending[n.name] = t.detach().float()
         if all(w.name in pending for w in watch):
             add(bi, pending)
@@ -192,8 +189,7 @@ def fit_batches(ctx: CompileContext, max_tokens: int) -> list[dict]:
     those plus 131k tokens of the built-in corpus 0.842 / 0.942), else the calibration inputs; evenly
     spaced batches of them up to `max_tokens` real tokens, which bounds time and memory."""
     batches = getattr(ctx, "training", None) or ctx.calibration
-    sizes = [_real_tokens(b) for b in batches]
-    total = sum(sizes)
+    total = sum(_real_tokens(b) for b in batches)
     if total <= max_tokens:
         return list(batches)
     keep = max(1, int(len(batches) * max_tokens / total))
