@@ -84,9 +84,13 @@ class Report:
                 console.print(f"  {path}: {why}")
         if self.final_fidelity:
             f = self.final_fidelity
-            mark = "[green][✓][/green]" if self.ok else "[red][x][/red]"
-            console.print(f"fidelity {mark} min cosine {f['cos_min']:.5f} (budget {self.fidelity_budget}), "
-                          f"mean {f['cos_mean']:.5f}, max abs {f['max_abs']:.3g}")
+            numbers = f"min cosine {f['cos_min']:.5f}, mean {f['cos_mean']:.5f}, max abs {f['max_abs']:.3g}"
+            if self.flops_before is not None:  # pruned: the budget was applied to quantization alone
+                console.print(f"fidelity to the original: {numbers} (the budget {self.fidelity_budget} "
+                              "bounds quantization, measured against the pruned model)")
+            else:  # "\[": a bare [x] is rich markup and would print nothing
+                mark = "[green]\\[ok][/green]" if self.ok else "[red]\\[below budget][/red]"
+                console.print(f"fidelity {mark} {numbers} (budget {self.fidelity_budget})")
 
     def _print_structure(self, console: Console) -> None:
         if not self.structure and not self.skipped_cuts and self.flops_before is None:

@@ -6,6 +6,8 @@ Options (compile(**options) / the convert flags):
   drop_layers: N (drop the N least important layers) or indices "i,j"  (--drop-layers)
   recover_steps: distillation steps after pruning, >= 0                (--recover-steps)
 Order: prune_heads, prune_ffn, drop_layers, recover (least squares always runs after a prune).
+One cut, not stages: on MiniLM heads 0.25 + FFN 0.4, cutting half, refitting, then cutting the
+rest and refitting again gave held-out pooled cosine 0.797 / 0.921 against 0.839 / 0.941.
 """
 
 from __future__ import annotations
