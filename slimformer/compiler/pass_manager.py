@@ -147,7 +147,8 @@ class PassManager:
                 if p.rebases_reference:
                     ctx.rebase_reference(gm)
             record = PassRecord(p.name, result.modified, result.summary,
-                                time.perf_counter() - start, fidelity and fidelity.as_dict(), result.details)
+                                time.perf_counter() - start, fidelity and fidelity.as_dict(), result.details,
+                                rebased_reference=bool(result.modified and p.rebases_reference))
             if ctx.report is not None:
                 ctx.report.passes.append(record)
             if self.dump_ir and result.modified:

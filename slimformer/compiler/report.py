@@ -20,6 +20,7 @@ class PassRecord:
     seconds: float
     fidelity: dict | None = None  # Fidelity.as_dict() after the pass
     details: dict = field(default_factory=dict)
+    rebased_reference: bool = False  # later passes' fidelity budget is measured against its output
 
 
 @dataclass
@@ -85,9 +86,10 @@ class Report:
         if self.final_fidelity:
             f = self.final_fidelity
             numbers = f"min cosine {f['cos_min']:.5f}, mean {f['cos_mean']:.5f}, max abs {f['max_abs']:.3g}"
-            if self.flops_before is not None:  # pruned: the budget was applied to quantization alone
+            rebased = [p.name for p in self.passes if p.rebased_reference]
+            if rebased:  # pruned or rewritten: the budget bounds only the passes after the last of them
                 console.print(f"fidelity to the original: {numbers} (the budget {self.fidelity_budget} "
-                              "bounds quantization, measured against the pruned model)")
+                              f"bounds the passes after {rebased[-1]}, measured against its output)")
             else:  # "\[": a bare [x] is rich markup and would print nothing
                 mark = "[green]\\[ok][/green]" if self.ok else "[red]\\[below budget][/red]"
                 console.print(f"fidelity {mark} {numbers} (budget {self.fidelity_budget})")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+from models import calibration, context, exported, fresh_copy
 from rich.console import Console
 
-from slimformer.compiler.report import Report
+from slimformer.compiler.pass_manager import PassManager
+from slimformer.compiler.report import PassRecord, Report
+from slimformer.passes.prune_ffn import PruneFfn
 
 
 def printed(report: Report) -> str:
@@ -25,7 +30,18 @@ def test_the_fidelity_line_marks_a_missed_budget():
 
 
 def test_a_pruned_model_is_not_held_to_the_quantization_budget():
-    report = Report("cpu-int8", "m", 0.995, final_fidelity=fidelity(0.9), flops_before=2e9, flops_after=1e9)
-    text = printed(report)
+    passes = [PassRecord("prune_ffn", True, "", 1.0, rebased_reference=True),
+              PassRecord("recover", True, "", 1.0, rebased_reference=True),
+              PassRecord("quantize_int8", True, "", 1.0)]
+    text = printed(Report("cpu-int8", "m", 0.995, passes, final_fidelity=fidelity(0.9)))
     assert "fidelity to the original: min cosine 0.90000" in text
-    assert "below budget" not in text and "measured against the pruned model" in text
+    assert "below budget" not in text and "bounds the passes after recover, measured against its output" in text
+    assert Report.from_dict(json.loads(Report("cpu-int8", "m", 0.995, passes).to_json())).passes == passes
+
+
+def test_the_pass_manager_records_which_passes_rebase_the_reference():
+    model, _, gm = exported("bert")
+    ctx = context(model, calibration(model, n=2))
+    ctx.report = Report("cpu-fp32", "m", 0.995)
+    PassManager([PruneFfn(fraction=0.5, multiple_of=1)]).run(fresh_copy(gm), ctx)
+    assert [(p.name, p.rebased_reference) for p in ctx.report.passes] == [("prune_ffn", True)]
