@@ -6,7 +6,7 @@ Saved as `report.json` in every artifact and printed by `slimformer convert` / `
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from rich.console import Console
 from rich.table import Table
@@ -51,8 +51,10 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict) -> Report:
-        d = dict(d)
-        d["passes"] = [PassRecord(**p) for p in d.get("passes", [])]
+        """Fields this version does not know (a report written by a newer slimformer) are
+        dropped, missing ones take their defaults (an older one)."""
+        d = _known(cls, d)
+        d["passes"] = [PassRecord(**_known(PassRecord, p)) for p in d.get("passes", [])]
         return cls(**d)
 
     @property
@@ -116,3 +118,8 @@ class Report:
 
 def _fmt(v, spec: str = ".5f") -> str:
     return "-" if v is None else format(v, spec)
+
+
+def _known(cls, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}

@@ -45,3 +45,12 @@ def test_the_pass_manager_records_which_passes_rebase_the_reference():
     ctx.report = Report("cpu-fp32", "m", 0.995)
     PassManager([PruneFfn(fraction=0.5, multiple_of=1)]).run(fresh_copy(gm), ctx)
     assert [(p.name, p.rebased_reference) for p in ctx.report.passes] == [("prune_ffn", True)]
+
+
+def test_a_report_from_a_newer_or_older_version_loads():
+    d = json.loads(Report("cpu-int8", "m", 0.995, [PassRecord("smooth", True, "", 1.0)]).to_json())
+    d["field_from_the_future"] = 1
+    d["passes"][0]["another_one"] = 2
+    del d["passes"][0]["rebased_reference"]
+    report = Report.from_dict(d)
+    assert report.passes == [PassRecord("smooth", True, "", 1.0)] and report.target == "cpu-int8"
