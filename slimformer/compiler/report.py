@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -63,6 +64,8 @@ class Report:
         return f is not None and f["cos_min"] >= self.fidelity_budget
 
     def print(self, console: Console | None = None) -> None:
+        """Free text (summaries, paths, reasons) goes through `escape`: rich reads a bracketed
+        word such as "[x]" as markup and prints nothing for it."""
         console = console or Console()
         table = Table(title=f"slimformer: {self.model} -> {self.target}", title_justify="left")
         for col in ("pass", "changed", "time", "cos min", "cos mean", "max abs"):
@@ -70,11 +73,11 @@ class Report:
         for p in self.passes:
             f = p.fidelity or {}
             table.add_row(
-                p.name, p.summary if p.modified else "[dim]nothing[/dim]", f"{p.seconds:.1f}s",
+                p.name, escape(p.summary) if p.modified else "[dim]nothing[/dim]", f"{p.seconds:.1f}s",
                 _fmt(f.get("cos_min")), _fmt(f.get("cos_mean")), _fmt(f.get("max_abs"), ".2e"))
         if self.final_fidelity:
             f = self.final_fidelity
-            table.add_row("[bold]lowered artifact[/bold]", self.lowering.get("summary", ""), "",
+            table.add_row("[bold]lowered artifact[/bold]", escape(self.lowering.get("summary", "")), "",
                           _fmt(f["cos_min"]), _fmt(f["cos_mean"]), _fmt(f["max_abs"], ".2e"))
         console.print(table)
         if self.size_before_mb is not None and self.size_after_mb is not None:
@@ -84,7 +87,7 @@ class Report:
         if self.float_layers:
             console.print(f"kept in float ({len(self.float_layers)}):")
             for path, why in self.float_layers.items():
-                console.print(f"  {path}: {why}")
+                console.print(escape(f"  {path}: {why}"))
         if self.final_fidelity:
             f = self.final_fidelity
             numbers = f"min cosine {f['cos_min']:.5f}, mean {f['cos_mean']:.5f}, max abs {f['max_abs']:.3g}"
@@ -92,8 +95,8 @@ class Report:
             if rebased:  # pruned or rewritten: the budget bounds only the passes after the last of them
                 console.print(f"fidelity to the original: {numbers} (the budget {self.fidelity_budget} "
                               f"bounds the passes after {rebased[-1]}, measured against its output)")
-            else:  # "\[": a bare [x] is rich markup and would print nothing
-                mark = "[green]\\[ok][/green]" if self.ok else "[red]\\[below budget][/red]"
+            else:
+                mark = f"[green]{escape('[ok]')}[/green]" if self.ok else f"[red]{escape('[below budget]')}[/red]"
                 console.print(f"fidelity {mark} {numbers} (budget {self.fidelity_budget})")
 
     def _print_structure(self, console: Console) -> None:
@@ -104,7 +107,7 @@ class Report:
             table.add_column("layer")
             table.add_column("removed")
             for layer, items in self.structure.items():
-                table.add_row(layer, "; ".join(items))
+                table.add_row(escape(layer), escape("; ".join(items)))
             console.print(table)
         if self.flops_before is not None and self.flops_after is not None:
             console.print(f"FLOPs (one 128-token sequence): {self.flops_before / 1e9:.3f} G -> "
@@ -113,7 +116,7 @@ class Report:
             console.print(f"parameters: {self.params_before_structure:,} -> {self.params_after_structure:,} "
                           f"({self.params_after_structure / max(self.params_before_structure, 1):.0%})")
         for what, why in self.skipped_cuts.items():
-            console.print(f"  not cut: {what}: {why}")
+            console.print(escape(f"  not cut: {what}: {why}"))
 
 
 def _fmt(v, spec: str = ".5f") -> str:

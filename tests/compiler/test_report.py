@@ -54,3 +54,11 @@ def test_a_report_from_a_newer_or_older_version_loads():
     del d["passes"][0]["rebased_reference"]
     report = Report.from_dict(d)
     assert report.passes == [PassRecord("smooth", True, "", 1.0)] and report.target == "cpu-int8"
+
+
+def test_free_text_with_brackets_is_printed_as_written():
+    passes = [PassRecord("smooth", True, "split [x] off", 1.0)]
+    report = Report("cpu-int8", "m", 0.995, passes, float_layers={"layer.0": "kept [fp32]"},
+                    skipped_cuts={"prune_ffn: ffn": "shared [w]"})
+    text = printed(report)
+    assert "split [x] off" in text and "layer.0: kept [fp32]" in text and "shared [w]" in text
