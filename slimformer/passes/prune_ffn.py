@@ -33,7 +33,7 @@ from slimformer.passes.prune_importance import (
     select_uniform,
 )
 from slimformer.passes.prune_obs import input_hessian, obs_select
-from slimformer.passes.prune_report import note_after, note_before
+from slimformer.passes.prune_report import note_after, note_before, note_kept_inputs
 
 
 def apply_ffn_cut(gm: GraphModule, site: FfnSite, keep: torch.Tensor, done: set[str]) -> int:
@@ -114,6 +114,7 @@ class PruneFfn(Pass):
                 continue
             for i in members:
                 apply_ffn_cut(gm, sites[i], kept, done)
+                note_kept_inputs(ctx, sites[i].down.node.name, kept)
             gm.recompile()
             removed += width - len(kept)
             calls = f" (shared by {len(members)} calls)" if len(members) > 1 else ""

@@ -29,7 +29,7 @@ from slimformer.passes.prune_importance import (
     select_global,
     select_uniform,
 )
-from slimformer.passes.prune_report import note_after, note_before
+from slimformer.passes.prune_report import note_after, note_before, note_kept_inputs
 
 aten = torch.ops.aten
 
@@ -104,11 +104,16 @@ def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
 
 
+def kept_query_heads(plan: HeadPlan, keep_kv: torch.Tensor) -> torch.Tensor:
+    """The query heads that the kept KV groups serve (all n_rep of each group). Pure."""
+    return (keep_kv[:, None] * plan.n_rep + torch.arange(plan.n_rep)[None, :]).reshape(-1)
+
+
 def apply_head_cut(gm: GraphModule, plan: HeadPlan, keep_kv: torch.Tensor, done: set[str]) -> int:
     """Cuts one attention call down to the kept KV groups (= heads without GQA). Weights are
     sliced once per attribute (`done`), a call of a shared layer only rewrites its sizes."""
     d = plan.site.head_dim
-    keep_heads = (keep_kv[:, None] * plan.n_rep + torch.arange(plan.n_rep)[None, :]).reshape(-1)
+    keep_heads = kept_query_heads(plan, keep_kv)
     q_rows, kv_rows = head_rows(keep_heads, d), head_rows(keep_kv, d)
     h, hkv, h2, hkv2 = plan.heads, plan.kv_heads, len(keep_heads), len(keep_kv)
 
@@ -219,6 +224,8 @@ class PruneHeads(Pass):
                 continue
             for i in members:
                 apply_head_cut(gm, plans[i], kept, done)
+                note_kept_inputs(ctx, plans[i].o.node.name,
+                                 head_rows(kept_query_heads(plans[i], kept), plans[i].site.head_dim))
             removed += (p0.kv_heads - len(kept)) * p0.n_rep * len(members)
             unit = "KV groups" if p0.n_rep > 1 else "heads"
             gone = sorted(set(range(p0.kv_heads)) - set(kept.tolist()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule
 
 from slimformer.compiler import analysis
@@ -27,6 +28,25 @@ ORIGINAL_GRAPH = "slimformer_original_graph"
 
 def original_graph(ctx) -> GraphModule | None:
     return getattr(ctx, ORIGINAL_GRAPH, None)
+
+
+# Output projection node name -> the original's input features it still reads (a LongTensor of
+# indices into the original's columns): distillation matches a pruned block's inner activations
+# (kept heads' context, kept FFN neurons) to the original's same features.
+KEPT_INPUTS = "slimformer_kept_inputs"
+
+
+def kept_inputs(ctx) -> dict[str, torch.Tensor]:
+    return getattr(ctx, KEPT_INPUTS, None) or {}
+
+
+def note_kept_inputs(ctx, projection: str, kept: torch.Tensor) -> None:
+    """Records that `projection` now reads only its `kept` inputs; a second cut of the same
+    projection composes with the first, so indices always refer to the original graph."""
+    table = dict(kept_inputs(ctx))
+    before = table.get(projection)
+    table[projection] = kept.clone() if before is None else before[kept]
+    setattr(ctx, KEPT_INPUTS, table)
 
 
 def note_before(ctx, gm: GraphModule) -> None:

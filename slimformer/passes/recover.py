@@ -9,8 +9,9 @@
     inputs that already see the earlier refits. Undone if it lowers fidelity on the held-out
     batches (ctx.validation; the first calibration batches when there are none).
 (b) With steps > 0: distillation of all float parameters towards the original's hidden states
-    (passes/distill.py), on ctx.training when given, keeping the parameters that scored best
-    on the held-out batches.
+    and, inside each pruned block, towards the original's kept heads' context and kept FFN
+    neurons (passes/distill.py), on ctx.training when given, keeping the parameters that scored
+    best on the held-out batches.
 """
 
 from __future__ import annotations
@@ -225,6 +226,9 @@ class Recover(Pass):
     # Least squares fits on at most this many real tokens; its time grows with them (MiniLM
     # heads 0.25 + FFN 0.4: 156 s for 131k tokens here, with a conversion alongside).
     fit_tokens: int = 1 << 16
+    # Distillation also matches the pruned blocks' inner activations (kept heads' context, kept
+    # FFN neurons) to the original's, with this weight (distill's sublayer_weight; 0: off).
+    sublayer_weight: float = 1.0
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
         original = original_graph(ctx)
@@ -257,7 +261,7 @@ class Recover(Pass):
         if self.steps > 0:
             from slimformer.passes.distill import distill
 
-            result = distill(gm, ctx, self.steps, lr=self.lr, decay=True)
+            result = distill(gm, ctx, self.steps, lr=self.lr, decay=True, sublayer_weight=self.sublayer_weight)
             summary.append(result.summary())
             details["distill_loss"] = [result.losses[0], result.losses[-1]]
             details["distill_kept_step"] = result.kept_step

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from models import calibration, context, exported, fresh_copy, inputs
 
 from slimformer.compiler import analysis
 from slimformer.compiler.analysis import get_attr_tensor
+from slimformer.compiler.graph_utils import capture
 from slimformer.compiler.numerics import compare, run_batches
 from slimformer.passes.distill import distill, lr_factor
 from slimformer.passes.prune_ffn import PruneFfn
 from slimformer.passes.prune_heads import PruneHeads
-from slimformer.passes.prune_report import original_graph
+from slimformer.passes.prune_report import kept_inputs, original_graph
 from slimformer.passes.recover import Recover, fit_batches, pruned_projections, ridge_lstsq
 
 
@@ -62,6 +64,37 @@ def test_shared_projection_refit_once_for_all_calls():
     assert cos_to_original(gm, ctx) >= before
     sites = analysis.find_attention(gm)
     assert get_attr_tensor(gm, sites[0].o.weight_node) is get_attr_tensor(gm, sites[1].o.weight_node)
+
+
+def projection_input(gm, name: str, batch: dict) -> torch.Tensor:
+    x = next(s.x for s in analysis.find_linears(gm) if s.node.name == name)
+    seen = []
+    capture(gm, [x], [batch], lambda _n, t, _i: seen.append(t.detach().clone()))
+    return seen[0]
+
+
+@pytest.mark.parametrize("family,heads,ffn", [("bert", 0.5, 0.0), ("llama_gqa", 0.5, 0.0), ("bert", 0.0, 0.5)])
+def test_kept_inputs_name_the_original_features_a_pruned_projection_still_reads(family, heads, ffn):
+    _, gm, ctx = pruned(family, heads=heads, ffn=ffn)
+    kept = kept_inputs(ctx)
+    first = min(kept, key=lambda name: [n.name for n in gm.graph.nodes].index(name))
+    batch = ctx.calibration[0]
+    # the first cut block sees the original's input: its kept features are the original's, exactly
+    mine, theirs = projection_input(gm, first, batch), projection_input(original_graph(ctx), first, batch)
+    assert mine.shape[-1] == len(kept[first]) < theirs.shape[-1]
+    assert torch.allclose(mine, theirs[..., kept[first]], atol=1e-5)
+
+
+def test_distill_matches_inner_activations_and_leaves_the_original_graph_as_it_was():
+    model, gm, ctx = pruned("bert")
+    code = original_graph(ctx).code
+    plain = distill(fresh_copy(gm), ctx, steps=2, lr=1e-4, check_every=0).losses
+    inner = distill(fresh_copy(gm), ctx, steps=2, lr=1e-4, check_every=0, sublayer_weight=1.0).losses
+    assert inner[0] > plain[0]  # same batch, same start: the inner terms add to the loss
+    # the unpruned graph, which then serves the original's outputs, gives the model's targets
+    faint = distill(fresh_copy(gm), ctx, steps=1, lr=1e-4, check_every=0, sublayer_weight=1e-9).losses
+    assert abs(faint[0] - plain[0]) < 1e-4 * plain[0]
+    assert original_graph(ctx).code == code
 
 
 def test_distill_lowers_the_loss_and_leaves_the_original_alone():
