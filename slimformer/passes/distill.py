@@ -127,11 +127,7 @@ def distill(gm: GraphModule, ctx, steps: int, lr: float = 1e-4, *, batches: list
             if task is not None:
                 ctx.progress.update(task, advance=1, description=f"distillation (loss {result.losses[-1]:.3g})")
     finally:
-        for n in inserted:
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-        gm.recompile()
-        analysis.invalidate(gm)
+        _remove_taps(gm, inserted)
         if inner is not None:
             inner.remove()
         if check is not None:
@@ -232,11 +228,7 @@ class _Inner:
         return last, layers, inner
 
     def remove(self) -> None:
-        for n in self.probes:
-            n.replace_all_uses_with(n.args[0])
-            self.original.graph.erase_node(n)
-        self.original.recompile()
-        analysis.invalidate(self.original)
+        _remove_taps(self.original, self.probes)
 
 
 @dataclass
@@ -340,6 +332,15 @@ def _insert_taps(gm: GraphModule, taps: dict, store: dict) -> list:
         inserted.append(t)
     gm.recompile()
     return inserted
+
+
+def _remove_taps(gm: GraphModule, inserted: list) -> None:
+    """Undoes _insert_taps: the tapped nodes' users read them directly again."""
+    for n in inserted:
+        n.replace_all_uses_with(n.args[0])
+        gm.graph.erase_node(n)
+    gm.recompile()
+    analysis.invalidate(gm)
 
 
 def _mse(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -86,7 +86,7 @@ def test_kept_inputs_name_the_original_features_a_pruned_projection_still_reads(
 
 
 def test_distill_matches_inner_activations_and_leaves_the_original_graph_as_it_was():
-    model, gm, ctx = pruned("bert")
+    _, gm, ctx = pruned("bert")
     code = original_graph(ctx).code
     plain = distill(fresh_copy(gm), ctx, steps=2, lr=1e-4, check_every=0).losses
     inner = distill(fresh_copy(gm), ctx, steps=2, lr=1e-4, check_every=0, sublayer_weight=1.0).losses
