@@ -319,7 +319,7 @@ def run_fidelity_graph(kind: str, transfer_steps: int, transfer_lr: float, recov
         result["auto"] = ctx.report.passes[-1].details["auto"]
     if recover_steps:
         ctx.reference = ctx.original_reference  # the pass manager rebased it to the rewritten graph
-        result["recover"] = _distill_or_revert(gm, ctx, list(result["layers"]), recover_steps, recover_lr)
+        result["recover"] = _distill_or_revert(gm, ctx, recover_steps, recover_lr)
         result["after_recover"] = held_out()
     print(kind, json.dumps(result), flush=True)
     return result

@@ -7,7 +7,11 @@ Options (compile(**options) / the convert flags):
   recover_steps: distillation steps after pruning, >= 0                (--recover-steps)
 Order: prune_heads, prune_ffn, drop_layers, recover (least squares always runs after a prune).
 One cut, not stages: on MiniLM heads 0.25 + FFN 0.4, cutting half, refitting, then cutting the
-rest and refitting again gave held-out pooled cosine 0.797 / 0.921 against 0.839 / 0.941.
+rest and refitting again gave held-out pooled cosine 0.797 / 0.921 against 0.839 / 0.941. With
+distillation in each stage too (half the cut, least squares, 1,000 steps; the rest, least
+squares, 1,000 steps; peak lr 2e-4), distillation's held-out error was 0.151 against one
+cut's 0.145 (2,000 steps), and the bench's pooled cosine 0.883 / 0.952 (fp32) against
+0.884 / 0.968 (int8); 500 + 1,500 steps: 0.161, 0.842 / 0.935.
 """
 
 from __future__ import annotations
