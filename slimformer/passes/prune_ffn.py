@@ -3,7 +3,9 @@
 Selection, `method`:
 - "obs" (default): layer by layer, the neurons whose removal the down projection's remaining
   columns can best make up for on calibration activations, with that update applied (see
-  prune_obs). The same share of every FFN.
+  prune_obs). How many each FFN loses, `allocation`: "measured" (default), each FFN's share
+  chosen by the measured cost of its cut on the model's output (see ffn_allocation);
+  "uniform", the same share of every FFN.
 - "fisher": Fisher information of a per-neuron gate on the down projection's input (see
   prune_importance), per layer ("uniform") or over all layers ("global").
 A cut removes rows of the up projection(s) (SwiGLU's gate and up) and
@@ -25,6 +27,7 @@ from slimformer.compiler.coupling import cut_groups, linear_unit
 from slimformer.compiler.graph_utils import set_attr_tensor
 from slimformer.compiler.pass_manager import CompileContext, Pass, PassResult, register_pass
 from slimformer.passes import prune_graph as pg
+from slimformer.passes.ffn_allocation import candidate_widths, kept_width, measured_widths
 from slimformer.passes.prune_importance import (
     gate_fisher,
     gate_point,
@@ -63,15 +66,23 @@ class PruneFfn(Pass):
     fraction: float = 0.4
     multiple_of: int = 8
     min_keep: int = 8
-    # "uniform": the same share of every FFN; "global": the least important over all layers.
-    # Uniform by default: on MiniLM-L6 the global ranking, after head pruning, emptied the
-    # last FFN (1536 -> 136) and held-out fidelity fell further (pooled cos 0.87 vs 0.88).
-    allocation: str = "uniform"
-    method: str = "obs"  # "obs" (uniform, with weight updates) or "fisher"
+    # obs: "measured" (each FFN's share from the measured cost of its cut) or "uniform" (the
+    # same share of every FFN). fisher: "uniform" or "global" (the least important over all
+    # layers; on MiniLM-L6, after head pruning, it emptied the last FFN, 1536 -> 136, and
+    # held-out fidelity fell: pooled cos 0.87 vs 0.88). None: the method's first.
+    allocation: str | None = None
+    method: str = "obs"  # "obs" (with weight updates) or "fisher"
     damp: float = 0.1  # obs: ridge on the activations' second moment, times its mean diagonal
     max_batches: int | None = 8  # calibration batches for the Fisher estimate (obs uses all)
 
     def run(self, gm: GraphModule, ctx: CompileContext) -> PassResult:
+        allowed = {"obs": ("measured", "uniform"), "fisher": ("uniform", "global")}
+        if self.method not in allowed:
+            raise ValueError(f"prune_ffn: unknown method {self.method!r}; choose one of {tuple(allowed)}")
+        allocation = self.allocation or allowed[self.method][0]
+        if allocation not in allowed[self.method]:
+            raise ValueError(f"prune_ffn: allocation {allocation!r} does not go with method "
+                             f"{self.method!r}; choose one of {allowed[self.method]}")
         sites = find_ffns(gm)
         note_before(ctx, gm)
         skipped: dict[str, str] = {}
@@ -93,11 +104,11 @@ class PruneFfn(Pass):
         groups.sort(key=lambda g: min(order[sites[i].down.node] for i in g))
         obs = self.method == "obs"
         if obs:
-            keep = [None] * len(groups)
+            widths = self._obs_widths(gm, ctx, [[sites[i] for i in g] for g in groups], allocation)
         else:
             scores = self._group_scores(gm, ctx, sites, groups)
             min_keep = min(self.min_keep, min(len(s) for s in scores))
-            keep = select_uniform(scores, self.fraction, min_keep) if self.allocation == "uniform" \
+            keep = select_uniform(scores, self.fraction, min_keep) if allocation == "uniform" \
                 else select_global(scores, self.fraction, min_keep=min_keep)
         done: set[str] = set()
         per_layer, removed, total, removed_neurons = {}, 0, 0, {}
@@ -106,7 +117,7 @@ class PruneFfn(Pass):
             width = sites[members[0]].width
             total += width
             if obs:
-                kept = self._obs_group(gm, ctx, [sites[i] for i in members])
+                kept = self._obs_group(gm, ctx, [sites[i] for i in members], widths[gi])
                 task is not None and ctx.progress.advance(task)
             else:
                 kept = round_keep(keep[gi], scores[gi], width, self.multiple_of)
@@ -132,20 +143,39 @@ class PruneFfn(Pass):
         return PassResult(gm, True, f"removed {removed}/{total} FFN neurons",
                           {"per_layer": per_layer, "skipped": skipped, "removed_neurons": removed_neurons})
 
-    def _obs_group(self, gm, ctx, calls: list[FfnSite]) -> torch.Tensor:
-        """Kept neurons of one FFN (all its calls), chosen by OBS; the down projection's
-        weight gets the OBS update of its remaining columns."""
+    def _obs_widths(self, gm, ctx, groups: list[list[FfnSite]], allocation: str) -> list[int]:
+        """Kept width per group: the global fraction's in each ("uniform"), or a measured
+        allocation removing at least as many neurons in all ("measured")."""
+        uniform = [kept_width(g[0].width, self.fraction, self.min_keep, self.multiple_of) for g in groups]
+        if allocation == "uniform" or len(groups) < 2:
+            return uniform
+        hessians, candidates = [], []
+        for calls, n_uniform in zip(groups, uniform):
+            h, tokens = self._hessian(gm, ctx, calls)
+            hessians.append(h)
+            candidates.append(candidate_widths(calls[0].width, self.fraction, self.min_keep, self.multiple_of)
+                              if tokens else [n_uniform])  # never run on calibration: no measure
+        widths, _ = measured_widths(gm, [g[0].down for g in groups], hessians, candidates, uniform,
+                                    ctx.calibration, ctx.original_reference or ctx.reference, sum(uniform),
+                                    self.damp, ctx.progress)
+        return widths
+
+    def _hessian(self, gm, ctx, calls: list[FfnSite]) -> tuple[torch.Tensor, int]:
+        """Second moment of the down projection's input over all calls, and the token count."""
+        nodes = [gate_point(s.down.node.args[1] if s.down.kind == "addmm" else s.down.x) for s in calls]
+        return input_hessian(gm, nodes, ctx.calibration, calls[0].width)
+
+    def _obs_group(self, gm, ctx, calls: list[FfnSite], n_keep: int) -> torch.Tensor:
+        """The n_keep neurons one FFN (all its calls) keeps, chosen by OBS; the down
+        projection's weight gets the OBS update of its remaining columns."""
         site, width = calls[0], calls[0].width
-        n_keep = max(width - int(self.fraction * width + 1e-9), min(self.min_keep, width))
-        n_keep = min(width, -(-n_keep // self.multiple_of) * self.multiple_of)
         if n_keep >= width:
             return torch.arange(width)
-        nodes = [gate_point(s.down.node.args[1] if s.down.kind == "addmm" else s.down.x) for s in calls]
-        h, tokens = input_hessian(gm, nodes, ctx.calibration, width)
-        w_attr = get_attr_tensor(gm, site.down.weight_node)
-        w = w_attr if site.down.kind == "linear" else w_attr.T  # (N, K)
+        h, tokens = self._hessian(gm, ctx, calls)
         if tokens == 0:
             return torch.arange(width)
+        w_attr = get_attr_tensor(gm, site.down.weight_node)
+        w = w_attr if site.down.kind == "linear" else w_attr.T  # (N, K)
         kept, w_new = obs_select(h, w, n_keep, damp=self.damp)
         set_attr_tensor(gm, site.down.weight_node.target,
                         w_new.contiguous() if site.down.kind == "linear" else w_new.T.contiguous())

@@ -39,7 +39,6 @@ def input_hessian(gm: GraphModule, nodes: list[Node], batches: list[dict], width
     return h, count[0]
 
 
-@torch.no_grad()
 def obs_select(h: torch.Tensor, w: torch.Tensor, n_keep: int, damp: float = 0.01,
                rounds: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy OBS removal of input columns of w (N, K) down to n_keep, for inputs with
@@ -47,6 +46,15 @@ def obs_select(h: torch.Tensor, w: torch.Tensor, n_keep: int, damp: float = 0.01
     are made in at most this many steps, each taking the lowest-cost columns together with
     the joint (block) update. Returns (sorted kept indices, updated w (N, K) with the removed
     columns zero). Pure function."""
+    return obs_path(h, w, [n_keep], damp, rounds)[n_keep]
+
+
+@torch.no_grad()
+def obs_path(h: torch.Tensor, w: torch.Tensor, n_keeps: list[int], damp: float = 0.01,
+             rounds: int = 32) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """obs_select at several widths in one greedy pass, down to the smallest, taking a
+    snapshot at each of the others on the way (the step size is set by the deepest cut, so a
+    shallower snapshot can differ slightly from obs_select run for it alone). Pure function."""
     k = h.shape[0]
     h = h.double().clone()
     dead = h.diagonal() <= 0
@@ -55,21 +63,24 @@ def obs_select(h: torch.Tensor, w: torch.Tensor, n_keep: int, damp: float = 0.01
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     w = w.double().clone()
     alive = torch.ones(k, dtype=torch.bool)
-    n_remove = max(k - n_keep, 0)
-    chunk = max(1, -(-n_remove // max(rounds, 1)))
-    while n_remove > 0:
-        c = min(chunk, n_remove)
-        score = w.pow(2).sum(0) / hinv.diagonal().clamp(min=1e-20)
-        score[~alive] = float("inf")
-        idx = score.topk(c, largest=False).indices
-        rows = hinv[idx]  # (c, K)
-        solve = torch.linalg.solve(rows[:, idx], rows)  # (Hinv_SS)^-1 Hinv_S:
-        w -= w[:, idx] @ solve
-        hinv -= hinv[:, idx] @ solve
-        w[:, idx] = 0.0
-        alive[idx] = False
-        hinv[idx, :] = 0.0
-        hinv[:, idx] = 0.0
-        hinv[idx, idx] = 1.0  # keeps the removed indices inert
-        n_remove -= c
-    return alive.nonzero().flatten(), w.float()
+    stops = sorted({min(max(k - n, 0), k) for n in n_keeps})  # removal counts, shallowest first
+    chunk = max(1, -(-stops[-1] // max(rounds, 1)))
+    snapshots, removed = {}, 0
+    for stop in stops:
+        while removed < stop:
+            c = min(chunk, stop - removed)
+            score = w.pow(2).sum(0) / hinv.diagonal().clamp(min=1e-20)
+            score[~alive] = float("inf")
+            idx = score.topk(c, largest=False).indices
+            rows = hinv[idx]  # (c, K)
+            solve = torch.linalg.solve(rows[:, idx], rows)  # (Hinv_SS)^-1 Hinv_S:
+            w -= w[:, idx] @ solve
+            hinv -= hinv[:, idx] @ solve
+            w[:, idx] = 0.0
+            alive[idx] = False
+            hinv[idx, :] = 0.0
+            hinv[:, idx] = 0.0
+            hinv[idx, idx] = 1.0  # keeps the removed indices inert
+            removed += c
+        snapshots[k - stop] = (alive.nonzero().flatten(), w.float())
+    return {n: snapshots[k - min(max(k - n, 0), k)] for n in n_keeps}

@@ -14,7 +14,7 @@ from slimformer.compiler.blocks import find_ffns
 from slimformer.compiler.numerics import compare, run_batches
 from slimformer.passes.prune_ffn import PruneFfn
 from slimformer.passes.prune_importance import round_keep
-from slimformer.passes.prune_obs import obs_select
+from slimformer.passes.prune_obs import obs_path, obs_select
 
 
 def prune(family: str, fraction: float, model=None, allocation: str = "uniform", method: str = "fisher"):
@@ -98,6 +98,17 @@ def test_obs_select_removes_redundant_columns_without_loss():
     assert len(kept) == 6 and set(range(2, 6)) <= set(kept.tolist())  # the independent ones stay
     assert torch.allclose(x @ w2.double().T, x @ w.T, atol=1e-4)  # the others absorbed the loss
     assert (w2[:, [j for j in range(8) if j not in kept.tolist()]] == 0).all()
+
+
+def test_obs_path_snapshots_equal_separate_selections():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    path = obs_path(x.T @ x, w, [9, 5, 12], rounds=100)  # one column a step, as below
+    for n in (9, 5):
+        kept, w_n = obs_select(x.T @ x, w, n, rounds=100)
+        assert torch.equal(path[n][0], kept) and torch.allclose(path[n][1], w_n)
+    assert path[12][0].tolist() == list(range(12)) and torch.allclose(path[12][1], w.float())
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "albert"])
