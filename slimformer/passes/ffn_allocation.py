@@ -105,13 +105,16 @@ def measured_widths(gm: GraphModule, downs: list[LinearSite], hessians: list[tor
             w = down.weight(gm)  # (N, K)
             cuts = obs_path(h, w, [n for n in candidates if n < w.shape[1]], damp=damp)
             error = {n: _output_error(w, w_n, h) for n, (_, w_n) in cuts.items()}
+            if probe not in cuts and cuts:
+                probe = max(cuts)  # the uniform share cuts nothing here: probe the shallowest cut
             gain = 0.0
             if error.get(probe, 0.0) > 0:
                 stored = get_attr_tensor(gm, down.weight_node)
                 w_probe = cuts[probe][1] if down.kind == "linear" else cuts[probe][1].T
                 try:
                     set_attr_tensor(gm, down.weight_node.target, w_probe.to(stored.dtype))
-                    gain = (cost() - base) / error[probe]
+                    # A cut that happens to move the output towards the original counts as free.
+                    gain = max(cost() - base, 0.0) / error[probe]
                 finally:
                     set_attr_tensor(gm, down.weight_node.target, stored)
             costs.append({n: gain * error.get(n, 0.0) for n in candidates})

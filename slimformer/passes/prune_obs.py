@@ -55,6 +55,8 @@ def obs_path(h: torch.Tensor, w: torch.Tensor, n_keeps: list[int], damp: float =
     """obs_select at several widths in one greedy pass, down to the smallest, taking a
     snapshot at each of the others on the way (the step size is set by the deepest cut, so a
     shallower snapshot can differ slightly from obs_select run for it alone). Pure function."""
+    if not n_keeps:
+        return {}
     k = h.shape[0]
     h = h.double().clone()
     dead = h.diagonal() <= 0

@@ -60,6 +60,13 @@ def test_measuring_leaves_the_graph_as_it_was():
     assert costs[1][16] > costs[1][64] > costs[1][128] == 0  # a deeper cut costs more
 
 
+def test_an_ffn_too_small_to_cut_keeps_its_width():
+    model = FAMILIES["bert"].build()
+    gm = frontend.export(model, inputs(model))
+    result = PruneFfn(fraction=0.01, multiple_of=64, min_keep=1).run(gm, context(model, calibration(model)))
+    assert not result.modified and "too small" in result.summary  # 128 wide: every share rounds to 128
+
+
 def test_allocation_must_suit_the_method():
     model = FAMILIES["bert"].build()
     gm = frontend.export(model, inputs(model))
