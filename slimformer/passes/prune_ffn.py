@@ -140,7 +140,8 @@ class PruneFfn(Pass):
         pg.refresh_meta(gm)
         gm.recompile()
         note_after(ctx, gm, self.name, per_layer, skipped)
-        return PassResult(gm, True, f"removed {removed}/{total} FFN neurons",
+        how = ", widths by measured cost" if obs and allocation == "measured" and len(groups) > 1 else ""
+        return PassResult(gm, True, f"removed {removed}/{total} FFN neurons{how}",
                           {"per_layer": per_layer, "skipped": skipped, "removed_neurons": removed_neurons})
 
     def _obs_widths(self, gm, ctx, groups: list[list[FfnSite]], allocation: str) -> list[int]:

@@ -42,6 +42,7 @@ def test_measured_allocation_cuts_the_cheap_ffn_deeper():
     result = PruneFfn(fraction=0.25, multiple_of=1, min_keep=1).run(gm, context(model, calibration(model)))
     removed = {k: len(v) for k, v in result.details["removed_neurons"].items()}
     assert removed["encoder.layer.0"] > removed["encoder.layer.1"]
+    assert result.summary.endswith("widths by measured cost")
     assert sum(removed.values()) >= 2 * int(0.25 * find_ffns(gm)[0].width)  # no less than uniform
 
 
