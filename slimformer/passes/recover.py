@@ -222,7 +222,8 @@ class Recover(Pass):
     steps: int = 0
     # Distillation's peak lr (warm-up, then cosine decay; distill's `decay`). MiniLM heads 0.25 +
     # FFN 0.4, 2,000 steps, held-out error: 0.145 at 2e-4, 0.141 at 3e-4, 0.138 at 5e-4, 0.157
-    # at 8e-4, 0.174 at 1.2e-3; 3e-4 keeps a margin below where it turns.
+    # at 8e-4, 0.174 at 1.2e-3; 3e-4 keeps a margin below where it turns. With the measured FFN
+    # widths (ffn_allocation): 0.1304 at 3e-4, 0.1308 at 5e-4.
     lr: float = 3e-4
     ridge: float = 0.2  # MiniLM heads 0.25 + FFN 0.4: held-out pooled cos mean 0.9254 at 0.05
     check_batches: int = 4  # without held-out batches: the calibration batches that decide it
