@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from slimformer.compiler.analysis import get_attr_tensor
 from slimformer.compiler.blocks import FfnSite, find_ffns
 from slimformer.compiler.coupling import cut_groups, linear_unit
 from slimformer.compiler.graph_utils import set_attr_tensor
@@ -35,7 +34,7 @@ from slimformer.passes.prune_importance import (
     select_global,
     select_uniform,
 )
-from slimformer.passes.prune_obs import input_hessian, obs_select
+from slimformer.passes.prune_obs import input_hessian, input_hessians, obs_select
 from slimformer.passes.prune_report import note_after, note_before, note_kept_inputs
 
 
@@ -103,8 +102,9 @@ class PruneFfn(Pass):
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         groups.sort(key=lambda g: min(order[sites[i].down.node] for i in g))
         obs = self.method == "obs"
+        measured = obs and allocation == "measured" and len(groups) > 1
         if obs:
-            widths = self._obs_widths(gm, ctx, [[sites[i] for i in g] for g in groups], allocation)
+            widths = self._obs_widths(gm, ctx, [[sites[i] for i in g] for g in groups], measured)
         else:
             scores = self._group_scores(gm, ctx, sites, groups)
             min_keep = min(self.min_keep, min(len(s) for s in scores))
@@ -140,31 +140,30 @@ class PruneFfn(Pass):
         pg.refresh_meta(gm)
         gm.recompile()
         note_after(ctx, gm, self.name, per_layer, skipped)
-        how = ", widths by measured cost" if obs and allocation == "measured" and len(groups) > 1 else ""
+        how = ", widths by measured cost" if measured else ""
         return PassResult(gm, True, f"removed {removed}/{total} FFN neurons{how}",
                           {"per_layer": per_layer, "skipped": skipped, "removed_neurons": removed_neurons})
 
-    def _obs_widths(self, gm, ctx, groups: list[list[FfnSite]], allocation: str) -> list[int]:
-        """Kept width per group: the global fraction's in each ("uniform"), or a measured
-        allocation removing at least as many neurons in all ("measured")."""
+    def _obs_widths(self, gm, ctx, groups: list[list[FfnSite]], measured: bool) -> list[int]:
+        """Kept width per group: the global fraction's in each, or (measured) an allocation
+        from the measured cost of each cut, removing at least as many neurons in all."""
         uniform = [kept_width(g[0].width, self.fraction, self.min_keep, self.multiple_of) for g in groups]
-        if allocation == "uniform" or len(groups) < 2:
+        if not measured:
             return uniform
-        hessians, candidates = [], []
-        for calls, n_uniform in zip(groups, uniform):
-            h, tokens = self._hessian(gm, ctx, calls)
-            hessians.append(h)
-            candidates.append(candidate_widths(calls[0].width, self.fraction, self.min_keep, self.multiple_of)
-                              if tokens else [n_uniform])  # never run on calibration: no measure
-        widths, _ = measured_widths(gm, [g[0].down for g in groups], hessians, candidates, uniform,
-                                    ctx.calibration, ctx.original_reference or ctx.reference, sum(uniform),
-                                    self.damp, ctx.progress)
+        hessians = input_hessians(gm, [self._gate_points(calls) for calls in groups], ctx.calibration,
+                                  [calls[0].width for calls in groups])
+        candidates = [candidate_widths(calls[0].width, self.fraction, self.min_keep, self.multiple_of)
+                      if tokens else [n_uniform]  # never run on calibration: no measure
+                      for calls, n_uniform, (_, tokens) in zip(groups, uniform, hessians)]
+        widths, _ = measured_widths(gm, [g[0].down for g in groups], [h for h, _ in hessians], candidates,
+                                    uniform, ctx.calibration, ctx.original_reference or ctx.reference,
+                                    sum(uniform), self.damp, ctx.progress)
         return widths
 
-    def _hessian(self, gm, ctx, calls: list[FfnSite]) -> tuple[torch.Tensor, int]:
-        """Second moment of the down projection's input over all calls, and the token count."""
-        nodes = [gate_point(s.down.node.args[1] if s.down.kind == "addmm" else s.down.x) for s in calls]
-        return input_hessian(gm, nodes, ctx.calibration, calls[0].width)
+    @staticmethod
+    def _gate_points(calls: list[FfnSite]) -> list:
+        """Where each call's down projection reads its input (the per-neuron gate point)."""
+        return [gate_point(s.down.node.args[1] if s.down.kind == "addmm" else s.down.x) for s in calls]
 
     def _obs_group(self, gm, ctx, calls: list[FfnSite], n_keep: int) -> torch.Tensor:
         """The n_keep neurons one FFN (all its calls) keeps, chosen by OBS; the down
@@ -172,20 +171,17 @@ class PruneFfn(Pass):
         site, width = calls[0], calls[0].width
         if n_keep >= width:
             return torch.arange(width)
-        h, tokens = self._hessian(gm, ctx, calls)
+        h, tokens = input_hessian(gm, self._gate_points(calls), ctx.calibration, width)
         if tokens == 0:
             return torch.arange(width)
-        w_attr = get_attr_tensor(gm, site.down.weight_node)
-        w = w_attr if site.down.kind == "linear" else w_attr.T  # (N, K)
-        kept, w_new = obs_select(h, w, n_keep, damp=self.damp)
+        kept, w_new = obs_select(h, site.down.weight(gm), n_keep, damp=self.damp)  # weight (N, K)
         set_attr_tensor(gm, site.down.weight_node.target,
                         w_new.contiguous() if site.down.kind == "linear" else w_new.T.contiguous())
         return kept
 
     def _group_scores(self, gm, ctx, sites, groups) -> list[torch.Tensor]:
         live = [i for g in groups for i in g]
-        points = [(gate_point(sites[i].down.node.args[1] if sites[i].down.kind == "addmm" else sites[i].down.x),
-                   sites[i].width) for i in live]
+        points = [(self._gate_points([sites[i]])[0], sites[i].width) for i in live]
         batches = ctx.calibration[: self.max_batches]
         targets = (ctx.original_reference or ctx.reference)[: self.max_batches]
         fisher = dict(zip(live, gate_fisher(gm, batches, targets, points, ctx.progress, "FFN importance")))

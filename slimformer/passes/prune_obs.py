@@ -24,19 +24,27 @@ from slimformer.compiler.numerics import batch_mask
 def input_hessian(gm: GraphModule, nodes: list[Node], batches: list[dict], width: int) -> tuple[torch.Tensor, int]:
     """(X^T X over the real tokens of `batches` at every node in `nodes`, float64; tokens).
     A node's value is (..., width); padding tokens are left out where the mask lines up."""
-    h = torch.zeros(width, width, dtype=torch.float64)
-    count = [0]
+    return input_hessians(gm, [nodes], batches, [width])[0]
 
-    def record(_node, t, i):
-        x = t.detach().reshape(-1, width)
+
+def input_hessians(gm: GraphModule, node_groups: list[list[Node]], batches: list[dict],
+                   widths: list[int]) -> list[tuple[torch.Tensor, int]]:
+    """input_hessian for several groups of nodes, from one forward pass per batch."""
+    hs = [torch.zeros(w, w, dtype=torch.float64) for w in widths]
+    count = [0] * len(node_groups)
+    group = {n: g for g, nodes in enumerate(node_groups) for n in nodes}
+
+    def record(node, t, i):
+        g = group[node]
+        x = t.detach().reshape(-1, widths[g])
         m = batch_mask(batches[i])
         if m is not None and m.numel() == x.shape[0]:
             x = x[m.reshape(-1).bool()]
-        h.add_((x.float().T @ x.float()).double())
-        count[0] += x.shape[0]
+        hs[g].add_((x.float().T @ x.float()).double())
+        count[g] += x.shape[0]
 
-    capture(gm, nodes, batches, record, stop_early=True)
-    return h, count[0]
+    capture(gm, list(group), batches, record, stop_early=True)
+    return list(zip(hs, count))
 
 
 def obs_select(h: torch.Tensor, w: torch.Tensor, n_keep: int, damp: float = 0.01,
@@ -65,7 +73,10 @@ def obs_path(h: torch.Tensor, w: torch.Tensor, n_keeps: list[int], damp: float =
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
     w = w.double().clone()
     alive = torch.ones(k, dtype=torch.bool)
-    stops = sorted({min(max(k - n, 0), k) for n in n_keeps})  # removal counts, shallowest first
+    def stop_of(n: int) -> int:  # columns removed to keep n
+        return min(max(k - n, 0), k)
+
+    stops = sorted({stop_of(n) for n in n_keeps})  # shallowest first
     chunk = max(1, -(-stops[-1] // max(rounds, 1)))
     snapshots, removed = {}, 0
     for stop in stops:
@@ -85,4 +96,4 @@ def obs_path(h: torch.Tensor, w: torch.Tensor, n_keeps: list[int], damp: float =
             hinv[idx, idx] = 1.0  # keeps the removed indices inert
             removed += c
         snapshots[k - stop] = (alive.nonzero().flatten(), w.float())
-    return {n: snapshots[k - min(max(k - n, 0), k)] for n in n_keeps}
+    return {n: snapshots[k - stop_of(n)] for n in n_keeps}
