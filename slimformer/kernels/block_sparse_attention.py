@@ -27,7 +27,8 @@ import triton.language as tl
 from slimformer.kernels._triton import interpret_requested, next_pow2
 
 INTERPRET = interpret_requested()
-MASKED = -1.0e30
+# a global that a compiled kernel reads must be a constexpr (the interpreter accepts a float)
+MASKED = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -100,9 +100,33 @@ def int4_dequant_kernels():
         yield build("int4_dequant", kd._dequant_kernel, sig, consts, 4, 1, ("K", "N_BLOCKS"))
 
 
+def attention_kernels():
+    """The attention replacements with the block sizes their launchers pick on a GPU: BERT-like
+    heads (64), a Hedgehog feature map (2 x 64) and a wide one (2 x 128, narrower D-slices)."""
+    from slimformer.kernels import block_sparse_attention as kb
+    from slimformer.kernels import linear_attention as kl
+
+    lsig = dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", o_ptr="*fp16", T="i32", F="i32",
+                D="i32", eps="fp32")
+    for F, D in ((64, 64), (128, 64), (256, 64)):
+        meta = kl.launch_params(4096, F, D)
+        warps = meta.pop("num_warps")
+        for causal in (False, True):
+            yield build("linear_attention", kl._linear_attention_kernel, lsig,
+                        {**meta, "CAUSAL": causal}, warps, 1, ("T", "F", "D"))
+    bsig = dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", o_ptr="*fp16", m_ptr="*i32",
+                H="i32", T="i32", Dq="i32", D="i32", W="i32", G="i32", scale="fp32")
+    for has_mask, causal in ((True, False), (False, True)):
+        consts = dict(HAS_MASK=has_mask, CAUSAL=causal, BLOCK_M=64, BLOCK_N=64, BLOCK_DQ=64,
+                      BLOCK_D=64)
+        yield build("block_sparse_attention", kb._block_sparse_kernel, bsig, consts, 4, 1,
+                    ("T", "Dq", "D"))
+
+
 def main():
-    which = sys.argv[1:] or ["int8", "int4", "int4_dequant"]
-    gens = {"int8": int8_kernels, "int4": int4_kernels, "int4_dequant": int4_dequant_kernels}
+    which = sys.argv[1:] or ["int8", "int4", "int4_dequant", "attention"]
+    gens = {"int8": int8_kernels, "int4": int4_kernels, "int4_dequant": int4_dequant_kernels,
+            "attention": attention_kernels}
     for w in which:
         for rec in gens[w]():
             print(json.dumps(rec), flush=True)

@@ -47,7 +47,8 @@ def compiled():
 
 def test_every_kernel_built(compiled):
     names = {r["name"] for r in compiled}
-    assert names == {"int8_matmul", "int8_fused", "quant_rows", "int4_matmul", "int4_dequant"}
+    assert names == {"int8_matmul", "int8_fused", "quant_rows", "int4_matmul", "int4_dequant",
+                     "linear_attention", "block_sparse_attention"}
     for r in compiled:
         assert r["cubin_bytes"] > 0, r  # ptxas ran: a real sm_90 binary
         assert r["shared"] <= H100_MAX_SHARED, r
@@ -67,3 +68,11 @@ def test_int4_gemm_uses_fp16_tensor_cores(compiled):
         assert all(".f16.f16" in op or ".bf16.bf16" in op for op in r["mma"]), r["mma"]
         if int(r["consts"]["BLOCK_M"]) >= 64:
             assert any(op.startswith("wgmma.mma_async") for op in r["mma"]), r
+
+
+def test_attention_kernels_use_tensor_cores(compiled):
+    # before this check, block-sparse attention read a plain float global and built only under
+    # the interpreter: on a GPU, triton refused it (NameError: not a constexpr)
+    for r in (r for r in compiled if r["name"].endswith("_attention")):
+        assert r["mma"], f"no mma/wgmma in the PTX of {r}"
+        assert any(op.startswith("wgmma.mma_async") for op in r["mma"]), r
