@@ -39,8 +39,11 @@ def matmulnbits_model(qweight, scales, zero_points, bias, K, N, block_size) -> b
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    # IR 10, as torch.onnx.export writes: onnx's newest IR (14) is refused by ONNX Runtime 1.30,
+    # the GPU machine's version
+    model = helper.make_model(graph, ir_version=10,
+                              opset_imports=[helper.make_opsetid("", 21),
+                                             helper.make_opsetid("com.microsoft", 1)])
     return model.SerializeToString()
 
 
