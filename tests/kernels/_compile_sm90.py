@@ -101,8 +101,9 @@ def int4_dequant_kernels():
 
 
 def attention_kernels():
-    """The attention replacements with the block sizes their launchers pick on a GPU: BERT-like
-    heads (64), a Hedgehog feature map (2 x 64) and a wide one (2 x 128, narrower D-slices)."""
+    """The attention replacements with the block sizes their launchers pick on a GPU. Linear:
+    feature maps of 64 (elu + 1 on BERT's heads), 2 x 64 and 2 x 128 (Hedgehog; the widest
+    gets narrower D-slices). Block-sparse: heads of 64 (BERT) and 32 (MiniLM)."""
     from slimformer.kernels import block_sparse_attention as kb
     from slimformer.kernels import linear_attention as kl
 
@@ -116,9 +117,9 @@ def attention_kernels():
                         {**meta, "CAUSAL": causal}, warps, 1, ("T", "F", "D"))
     bsig = dict(q_ptr="*fp16", k_ptr="*fp16", v_ptr="*fp16", o_ptr="*fp16", m_ptr="*i32",
                 H="i32", T="i32", Dq="i32", D="i32", W="i32", G="i32", scale="fp32")
-    for has_mask, causal in ((True, False), (False, True)):
-        consts = dict(HAS_MASK=has_mask, CAUSAL=causal, BLOCK_M=64, BLOCK_N=64, BLOCK_DQ=64,
-                      BLOCK_D=64)
+    for has_mask, causal, head_dim in ((True, False, 64), (False, True, 64), (True, False, 32)):
+        consts = dict(HAS_MASK=has_mask, CAUSAL=causal, BLOCK_M=64, BLOCK_N=64,
+                      BLOCK_DQ=head_dim, BLOCK_D=head_dim)  # 32: MiniLM's heads
         yield build("block_sparse_attention", kb._block_sparse_kernel, bsig, consts, 4, 1,
                     ("T", "Dq", "D"))
 
