@@ -87,12 +87,13 @@ def test_save_load_round_trip_is_identical(saved):
     assert loaded.report.to_json() == cm.report.to_json()
 
 
-
 def test_loaded_cpu_model_flushes_denormals(saved):
     # padded batches hit denormal floats in our graphs; flushed, MiniLM ran ~30% faster
     loaded = slimformer.load(saved[2])
     opts = loaded.session.get_session_options()
     assert opts.get_session_config_entry("session.set_denormal_as_zero") == "1"
+
+
 def test_artifact_files_and_metadata(saved):
     _, cm, out = saved
     names = sorted(os.listdir(out))
