@@ -86,12 +86,18 @@ def recall_at_1(emb: np.ndarray) -> float:
     return float((sim.argmax(1) == partner).mean())
 
 
-def ort_session(path: str | Path):
-    """What a user gets: CPU provider, default graph optimisation, 2 intra-op threads."""
+def ort_session(path: str | Path, flush_denormals: bool = True):
+    """What a user gets: CPU provider, default graph optimisation, 2 intra-op threads, and
+    denormals flushed to zero as slimformer's own runtime does (compiler/compiled.py). ORT's
+    softmax takes the exponential of masked scores through denormal arithmetic; padded batches
+    pay for it, inside MultiHeadAttention most. Any ORT user can set the flag, so every system
+    gets it, the anchors too (flush_denormals=False: ORT's defaults)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    if flush_denormals:
+        so.add_session_config_entry("session.set_denormal_as_zero", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

@@ -92,7 +92,7 @@ def export_fp32(model: torch.nn.Module, feeds: dict, path: Path) -> None:
     model.eval()
 
 
-def ort_int4_row(fp32: Path, path: Path) -> Row:
+def ort_int4_row(fp32: Path, path: Path, flush: bool) -> Row:
     """ONNX Runtime's own int4: MatMulNBits, block 32, round-to-nearest (the cpu-int4 rows'
     fidelity anchor; the embeddings stay fp32, as ORT leaves them)."""
     import onnx
@@ -107,12 +107,13 @@ def ort_int4_row(fp32: Path, path: Path) -> Row:
     quant = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=32, is_symmetric=True, algo_config=config)
     quant.process()
     quant.model.save_model_to_file(str(path))
-    return onnx_row(INT4_ANCHOR, path)
+    return onnx_row(INT4_ANCHOR, path, flush)
 
 
-def onnx_row(name: str, path: Path) -> Row:
+def onnx_row(name: str, path: Path, flush: bool) -> Row:
+    """flush: ORT flushes denormals to zero (common.ort_session)."""
     try:
-        return Row(name, common.ort_runner(common.ort_session(path)), common.onnx_files(path))
+        return Row(name, common.ort_runner(common.ort_session(path, flush)), common.onnx_files(path))
     except Exception as e:  # a broken artifact is a result, not a crash
         return Row(name, error=f"load failed: {type(e).__name__}: {e}")
 
@@ -163,11 +164,11 @@ def slimformer_rows(args, work: Path) -> list[Row]:
         out = work / name
         if args.reuse_artifacts and (out / "model.onnx").exists():
             print(f"reusing {out / 'model.onnx'}", flush=True)
-            rows.append(onnx_row(name, out / "model.onnx"))
+            rows.append(onnx_row(name, out / "model.onnx", args.flush))
             continue
         shutil.rmtree(out, ignore_errors=True)  # a rerun with --workdir starts clean
         err = convert(args.model_dir, target, extra, out, args.convert_timeout)
-        rows.append(Row(name, error=err) if err else onnx_row(name, out / "model.onnx"))
+        rows.append(Row(name, error=err) if err else onnx_row(name, out / "model.onnx", args.flush))
     return rows
 
 
@@ -248,7 +249,7 @@ def print_table(results: list[dict]) -> None:
     Console(width=None if sys.stdout.isatty() else 170).print(table)
 
 
-def markdown(results: list[dict], machine: dict, busy: float | None) -> str:
+def markdown(results: list[dict], machine: dict, busy: float | None, flush: bool) -> str:
     head = ["system"] + [h for _, h, _ in COLUMNS]
     lines = [
         f"MiniLM-L6 (all-MiniLM-L6-v2), batch 8 and 1 x seq {SEQ}, {machine['cpu']}, "
@@ -256,7 +257,9 @@ def markdown(results: list[dict], machine: dict, busy: float | None) -> str:
         f"`vs anchor` = latency / ORT `quantize_dynamic` per-channel int8 (lower is better): "
         f"the median over rounds of the ratio within a round (every system gets a turn of 5 "
         f"timed calls per round), with the quartiles of those ratios in brackets; "
-        f"cos = mean-pooled embedding vs torch fp32."
+        f"cos = mean-pooled embedding vs torch fp32. ONNX models run with 2 intra-op threads"
+        + (" and `session.set_denormal_as_zero`, as slimformer's runtime sets it (the anchors "
+           "too)." if flush else " and ORT's default session options.")
         + (f" Measured on a busy machine (other processes kept {busy:.1f} cores busy at the "
             f"start): latencies are inflated." if busy is not None and busy > BUSY else ""),
         "",
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse-artifacts", action="store_true",
                    help="with --workdir: skip `convert` where an artifact is already there "
                         "(to re-time on a quieter machine without converting again)")
+    p.add_argument("--ort-defaults", dest="flush", action="store_false",
+                   help="run every ONNX model with ORT's default session options; by default "
+                        "each session flushes denormals to zero, as slimformer's runtime does")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "cpu_minilm.json"),
                    help="JSON result path; the markdown table goes beside it (.md)")
     args = p.parse_args(argv)
@@ -322,14 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     int8.parent.mkdir(exist_ok=True)
     print("exporting fp32 ONNX (legacy exporter) ...", flush=True)
     export_fp32(model, common.tokenize(tokenizer, common.eval_sentences()[:2]), fp32)
-    rows.append(onnx_row("ort_fp32", fp32))
+    rows.append(onnx_row("ort_fp32", fp32, args.flush))
     print("quantizing with onnxruntime quantize_dynamic (per-channel int8) ...", flush=True)
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
-    rows.append(onnx_row(ANCHOR, int8))
+    rows.append(onnx_row(ANCHOR, int8, args.flush))
     if any(t.startswith("cpu-int4") for t in args.targets + args.extra):
-        rows.append(ort_int4_row(fp32, work / INT4_ANCHOR / "model.onnx"))
+        rows.append(ort_int4_row(fp32, work / INT4_ANCHOR / "model.onnx", args.flush))
     if not args.skip_slimformer:
         rows += slimformer_rows(args, work)
 
@@ -353,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_dir": args.model_dir, "seq": SEQ, "batches": [8, 1],
             "rounds_b8": args.runs * args.repeat, "rounds_b1": args.runs_b1 * args.repeat,
             "warmup": args.warmup, "timing": "paired rounds (common.time_paired)",
-            "threads": 2, "anchor": ANCHOR,
+            "threads": 2, "anchor": ANCHOR, "ort_flush_denormals": args.flush,
             "targets": [] if args.skip_slimformer else args.targets,
             "extra": [] if args.skip_slimformer else args.extra,
             "eval_sentences": len(common.eval_sentences()),
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(results, machine, busy_start))
+    out.with_suffix(".md").write_text(markdown(results, machine, busy_start, args.flush))
 
     print_table(results)
     ref = {r["name"]: r for r in results}

@@ -110,11 +110,13 @@ class OnnxCompiledModel(CompiledModel):
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
-        # Denormal floats arise on padded batches in our graphs (the anchor's graph has none):
-        # MiniLM batch 8 x 128, first 8 bench sentences (146 of 1024 tokens real), cpu-int8
-        # 61.6 -> 42.9 ms with them flushed to zero, cpu-fp32 106 -> 88, and no change with an
-        # all-ones mask. They arise inside ORT's MultiHeadAttention kernel (its profile: 31.9 ->
-        # 11.8 ms, fp32), whatever form the mask takes (bias, key padding mask, lengths).
+        # Padded batches: ORT's softmax (MLAS) takes the exponential of masked scores through
+        # denormal arithmetic, in its MultiHeadAttention kernel most (profile, fp32 MiniLM: 31.9
+        # -> 11.8 ms flushed), whatever form the mask takes. MiniLM batch 8 x 128, first 8 bench
+        # sentences (146 of 1024 tokens real): cpu-int8 61.6 -> 42.9 ms flushed to zero,
+        # cpu-fp32 106 -> 88, and no change with an all-ones mask. A mask bias of -60 instead of
+        # the float minimum avoids it too, but is exact only while a padded key scores < ~43
+        # above a row's best real key (MiniLM: 17.6), which no model promises.
         so.add_session_config_entry("session.set_denormal_as_zero", "1")
         self.session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
         self._declared = [i.name for i in self.session.get_inputs()]
