@@ -87,17 +87,19 @@ def recall_at_1(emb: np.ndarray) -> float:
 
 
 def ort_session(path: str | Path, flush_denormals: bool = True):
-    """What a user gets: CPU provider, default graph optimisation, 2 intra-op threads, and
-    denormals flushed to zero as slimformer's own runtime does (compiler/compiled.py). ORT's
-    softmax takes the exponential of masked scores through denormal arithmetic; padded batches
-    pay for it, inside MultiHeadAttention most. Any ORT user can set the flag, so every system
-    gets it, the anchors too (flush_denormals=False: ORT's defaults)."""
+    """What a user gets: CPU provider, default graph optimisation, 2 intra-op threads, and the
+    session options slimformer's own runtime uses (compiler/compiled.session_options: denormals
+    flushed to zero, which padded batches need). Any ORT user can set them, so every system
+    gets them, the anchors too (flush_denormals=False: ORT's defaults)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
+    from slimformer.compiler.compiled import session_options
+
     if flush_denormals:
-        so.add_session_config_entry("session.set_denormal_as_zero", "1")
+        so = session_options(threads=2)
+    else:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

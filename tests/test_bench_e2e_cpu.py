@@ -1,5 +1,5 @@
 """bench/e2e_cpu.py times every ONNX model the way slimformer's runtime runs it: denormals
-flushed to zero (padded batches hit them in our graphs), the anchors included."""
+flushed to zero (ORT's softmax meets them on padded batches), the anchors included."""
 
 from __future__ import annotations
 

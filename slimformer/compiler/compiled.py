@@ -98,6 +98,25 @@ class CompiledModel:
         return Path(directory)
 
 
+def session_options(threads: int | None = None):
+    """The ONNX Runtime options slimformer runs its CPU artifacts with (bench/e2e_cpu.py times
+    every ONNX model with them too)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    # Padded batches: ORT's softmax (MLAS) takes the exponential of masked scores through
+    # denormal arithmetic, in its MultiHeadAttention kernel most (profile, fp32 MiniLM: 31.9
+    # -> 11.8 ms flushed), whatever form the mask takes. MiniLM batch 8 x 128, first 8 bench
+    # sentences (146 of 1024 tokens real): cpu-int8 61.6 -> 42.9 ms flushed to zero,
+    # cpu-fp32 106 -> 88, and no change with an all-ones mask. A mask bias of -60 instead of
+    # the float minimum avoids it too, but is exact only while a padded key scores < ~43
+    # above a row's best real key (MiniLM: 17.6), which no model promises.
+    so.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return so
+
+
 class OnnxCompiledModel(CompiledModel):
     """CPU targets: a plain ONNX model run by vanilla ONNX Runtime."""
 
@@ -106,18 +125,8 @@ class OnnxCompiledModel(CompiledModel):
         import onnxruntime as ort
 
         self.model_bytes = model_bytes
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
+        so = session_options(threads)
         so.log_severity_level = 3
-        # Padded batches: ORT's softmax (MLAS) takes the exponential of masked scores through
-        # denormal arithmetic, in its MultiHeadAttention kernel most (profile, fp32 MiniLM: 31.9
-        # -> 11.8 ms flushed), whatever form the mask takes. MiniLM batch 8 x 128, first 8 bench
-        # sentences (146 of 1024 tokens real): cpu-int8 61.6 -> 42.9 ms flushed to zero,
-        # cpu-fp32 106 -> 88, and no change with an all-ones mask. A mask bias of -60 instead of
-        # the float minimum avoids it too, but is exact only while a padded key scores < ~43
-        # above a row's best real key (MiniLM: 17.6), which no model promises.
-        so.add_session_config_entry("session.set_denormal_as_zero", "1")
         self.session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
         self._declared = [i.name for i in self.session.get_inputs()]
 
